@@ -1,0 +1,40 @@
+"""Which implementation a torch op runs, decided per call and always inspectable.
+
+* ``"triton"``: the compiled Triton kernel (CUDA tensors).
+* ``"triton-interpreter"``: the same Triton kernel through Triton's CPU interpreter
+  (CPU tensors with TRITON_INTERPRET=1 set before the kernels were defined).
+* ``"torch"``: the plain-torch implementation of the same math (CPU tensors otherwise).
+
+Nothing here queries a GPU at import time. The last backend each op ran is recorded in
+``LAST_BACKEND`` and the first fall-back to plain torch is logged, so no path runs silently.
+"""
+from __future__ import annotations
+
+import logging
+
+from dpprims.kernels._launch import interpreting
+
+log = logging.getLogger("dpprims")
+
+LAST_BACKEND: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def backend_for(t) -> str:
+    """The backend an op called on tensor ``t`` runs on."""
+    if t.device.type == "cuda":
+        return "triton"
+    if t.device.type == "cpu":
+        return "triton-interpreter" if interpreting() else "torch"
+    raise NotImplementedError(f"dpprims ops support cuda and cpu tensors, got device {t.device}")
+
+
+def record(op: str, t) -> str:
+    """Pick the backend for ``op`` on tensor ``t``, record it, and log the first torch fallback."""
+    b = backend_for(t)
+    LAST_BACKEND[op] = b
+    if b == "torch" and op not in _warned:
+        _warned.add(op)
+        log.info("dpprims op %s runs its plain-torch implementation on CPU "
+                 "(set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)", op)
+    return b

@@ -1,0 +1,255 @@
+"""torch.library ops for the Linear and clip-factor kernels.
+
+Every op is a ``torch.library.custom_op`` with a fake (meta) implementation, so torch.compile
+can trace through it. Each call runs one of three backends (see ``_backend``): the compiled
+Triton kernel on CUDA, the same kernel through Triton's interpreter on CPU when
+TRITON_INTERPRET=1, or the plain-torch implementation of the same math otherwise. The backend
+each op ran last is in ``dpprims.bindings.torch._backend.LAST_BACKEND``.
+
+Shapes: ``A`` [B, T, D] (or [B, D] for T = 1), ``G`` [B, T, P] (or [B, P]); any strides (no
+hidden ``.contiguous()`` copies: the kernels take strides). All outputs are fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpprims.kernels import clip as _kclip
+from dpprims.kernels import linear as _k
+
+from ._backend import record
+
+_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, T, features] or [B, features], got shape {tuple(x.shape)}")
+    return x
+
+
+def _dot_precision(x: torch.Tensor, precision: str) -> str:
+    if precision not in _DOT_PRECISIONS:
+        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS}, got {precision!r}")
+    # Only fp32 operands use the setting; half operands always run on tensor cores.
+    return precision if x.dtype == torch.float32 else "tf32"
+
+
+def _check_pair(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    A, G = _as3d(A, "A (layer input)"), _as3d(G, "G (output gradient)")
+    if A.shape[:2] != G.shape[:2]:
+        raise ValueError(f"A {tuple(A.shape)} and G {tuple(G.shape)} must agree on [B, T]")
+    if A.dtype != G.dtype:
+        raise ValueError(f"A and G must have the same dtype, got {A.dtype} and {G.dtype}")
+    if A.device != G.device:
+        raise ValueError(f"A and G must be on the same device, got {A.device} and {G.device}")
+    return A, G
+
+
+def _launch(kernel, spec, *args, **kw):
+    kernel[spec.grid](*args, **spec.constexprs, num_warps=spec.num_warps, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# per-example squared weight-gradient norms
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dpprims::linear_weight_sq_norms", mutates_args=())
+def linear_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str, precision: str = "ieee") -> torch.Tensor:
+    """Per-example ||G_i^T A_i||_F^2 [B] (fp32) by ``method`` in {"direct", "ghost", "outer"};
+    "outer" needs T = 1 and computes ||a_i||^2 ||g_i||^2."""
+    A, G = _check_pair(A, G)
+    B, T, D = A.shape
+    P = G.shape[2]
+    if method not in ("direct", "ghost", "outer"):
+        raise ValueError(f"method must be 'direct', 'ghost' or 'outer', got {method!r}")
+    if method == "outer" and T != 1:
+        raise ValueError(f"method 'outer' needs T = 1, got T = {T}")
+    prec = _dot_precision(A, precision)
+    if B == 0 or T == 0 or D == 0 or P == 0:
+        return A.new_zeros(B, dtype=torch.float32)
+    backend = record(f"linear_weight_sq_norms[{method}]", A)
+    if backend == "torch":
+        return _torch_weight_sq_norms(A, G, method)
+    if method == "outer":
+        return rows_sq_norm(A[:, 0, :]) * rows_sq_norm(G[:, 0, :])
+    if method == "direct":
+        spec = _k.linear_norm_direct_spec(B, T, D, P)
+        kernel = _k._linear_norm_direct_kernel
+    else:
+        spec = _k.linear_norm_ghost_spec(B, T, D, P)
+        kernel = _k._linear_norm_ghost_kernel
+    partials = torch.empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+    _launch(kernel, spec, A, G, partials, T, D, P, *A.stride(), *G.stride(), DOT_PRECISION=prec)
+    return partials.sum(dim=1)
+
+
+@linear_weight_sq_norms.register_fake
+def _(A, G, method, precision="ieee"):
+    return A.new_empty(A.shape[0], dtype=torch.float32)
+
+
+def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> torch.Tensor:
+    A32, G32 = A.float(), G.float()
+    if method == "outer":
+        return A32[:, 0].pow(2).sum(1) * G32[:, 0].pow(2).sum(1)
+    if method == "ghost":
+        return (torch.bmm(A32, A32.transpose(1, 2)) * torch.bmm(G32, G32.transpose(1, 2))).sum(dim=(1, 2))
+    # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist
+    B, _, D = A32.shape
+    P = G32.shape[2]
+    chunk = max(1, (1 << 24) // max(1, D * P))
+    out = [torch.bmm(G32[s:s + chunk].transpose(1, 2), A32[s:s + chunk]).pow(2).sum(dim=(1, 2))
+           for s in range(0, B, chunk)]
+    return torch.cat(out)
+
+
+def rows_sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """sum of squares of each row of a [B, N] tensor, fp32, through the row-norm kernel."""
+    B, N = x.shape
+    spec = _k.rows_sq_norm_spec(B, N)
+    out = torch.empty(B, device=x.device, dtype=torch.float32)
+    _launch(_k._rows_sq_norm_kernel, spec, x, out, N, *x.stride())
+    return out
+
+
+@torch.library.custom_op("dpprims::linear_bias_sq_norms", mutates_args=())
+def linear_bias_sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """Per-example ||sum_t G_i[t]||^2 [B] (fp32)."""
+    G = _as3d(G, "G (output gradient)")
+    B, T, P = G.shape
+    if B == 0 or T == 0 or P == 0:
+        return G.new_zeros(B, dtype=torch.float32)
+    backend = record("linear_bias_sq_norms", G)
+    if backend == "torch":
+        return G.float().sum(1).pow(2).sum(1)
+    if T == 1:
+        return rows_sq_norm(G[:, 0, :])
+    spec = _k.linear_bias_norm_spec(B, T, P)
+    partials = torch.empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
+    _launch(_k._linear_bias_norm_kernel, spec, G, partials, T, P, *G.stride())
+    return partials.sum(dim=1)
+
+
+@linear_bias_sq_norms.register_fake
+def _(G):
+    return G.new_empty(G.shape[0], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# clipped sums
+# --------------------------------------------------------------------------------------------
+def _check_factors(c: torch.Tensor, B: int, like: torch.Tensor) -> None:
+    if c.shape != (B,):
+        raise ValueError(f"clip factors must have shape [B] = [{B}], got {tuple(c.shape)}")
+    if c.dtype != torch.float32 or c.device != like.device:
+        raise ValueError(f"clip factors must be float32 on {like.device}, got {c.dtype} on {c.device}")
+
+
+@torch.library.custom_op("dpprims::linear_clipped_weight_grad", mutates_args=())
+def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+    """sum_i c_i G_i^T A_i [P, D] (fp32): one weight-gradient GEMM over the B*T rows with c_i
+    fused into the load of G. Rows of examples with c_i == 0 are masked, not multiplied."""
+    A, G = _check_pair(A, G)
+    B, T, D = A.shape
+    P = G.shape[2]
+    _check_factors(c, B, A)
+    prec = _dot_precision(A, precision)
+    if B == 0 or T == 0:
+        return A.new_zeros(P, D, dtype=torch.float32)
+    backend = record("linear_clipped_weight_grad", A)
+    if backend == "torch":
+        keep = (c != 0).view(B, 1, 1)
+        Gs = torch.where(keep, G.float() * c.view(B, 1, 1), 0.0)
+        As = torch.where(keep, A.float(), 0.0)
+        return Gs.reshape(B * T, P).t() @ As.reshape(B * T, D)
+    spec = _k.linear_clipped_weight_grad_spec(B, T, D, P)
+    partials = torch.empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+    _launch(_k._linear_clipped_weight_grad_kernel, spec, A, G, c, partials,
+            B, T, D, P, spec.outputs["rows_per_split"], *A.stride(), *G.stride(), DOT_PRECISION=prec)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+
+
+@linear_clipped_weight_grad.register_fake
+def _(A, G, c, precision="ieee"):
+    return A.new_empty(G.shape[-1], A.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dpprims::linear_clipped_bias_grad", mutates_args=())
+def linear_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i sum_t G_i[t] [P] (fp32); rows of examples with c_i == 0 are masked."""
+    G = _as3d(G, "G (output gradient)")
+    B, T, P = G.shape
+    _check_factors(c, B, G)
+    if B == 0 or T == 0:
+        return G.new_zeros(P, dtype=torch.float32)
+    backend = record("linear_clipped_bias_grad", G)
+    if backend == "torch":
+        keep = (c != 0).view(B, 1, 1)
+        return torch.where(keep, G.float() * c.view(B, 1, 1), 0.0).sum(dim=(0, 1))
+    spec = _k.linear_clipped_bias_grad_spec(B, T, P)
+    out = torch.empty(P, device=G.device, dtype=torch.float32)
+    _launch(_k._linear_clipped_bias_grad_kernel, spec, G, c, out, B, T, P, *G.stride())
+    return out
+
+
+@linear_clipped_bias_grad.register_fake
+def _(G, c):
+    return G.new_empty(G.shape[-1], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# clip factors
+# --------------------------------------------------------------------------------------------
+def check_max_grad_norm(max_grad_norm: float, clipping: str) -> float:
+    """Validate the clip norm C (privacy-relevant): NaN or negative C is an error; C = 0 clips
+    every gradient to 0; C = inf means no clipping and is allowed only for flat clipping (it
+    voids the DP guarantee, which the trainer refuses separately)."""
+    C = float(max_grad_norm)
+    if math.isnan(C) or C < 0:
+        raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
+    if clipping not in ("flat", "automatic"):
+        raise ValueError(f"clipping must be 'flat' or 'automatic', got {clipping!r}")
+    if clipping == "automatic" and math.isinf(C):
+        raise ValueError("automatic clipping needs a finite max_grad_norm")
+    return C
+
+
+@torch.library.custom_op("dpprims::clip_factors", mutates_args=())
+def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_norm: torch.Tensor,
+                 automatic: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c [B], n [B]) from per-example squared norms; see dpprims.kernels.clip for the contract
+    (mask 0 -> 0, non-finite -> 0). ``max_grad_norm`` is a one-element fp32 tensor."""
+    B = sq_norms.shape[0]
+    if sq_norms.dim() != 1:
+        raise ValueError(f"sq_norms must be [B], got {tuple(sq_norms.shape)}")
+    if mask is not None and mask.shape != (B,):
+        raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
+    if B == 0:
+        return sq_norms.new_zeros(0, dtype=torch.float32), sq_norms.new_zeros(0, dtype=torch.float32)
+    backend = record("clip_factors", sq_norms)
+    if backend == "torch":
+        n = sq_norms.float().sqrt()
+        C = max_grad_norm.float().reshape(())
+        c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
+        keep = torch.isfinite(n)
+        if mask is not None:
+            keep = keep & (mask != 0)
+        return torch.where(keep, c, 0.0), n
+    spec = _kclip.clip_factor_spec(B)
+    c = torch.empty(B, device=sq_norms.device, dtype=torch.float32)
+    n = torch.empty(B, device=sq_norms.device, dtype=torch.float32)
+    m = mask if mask is not None else sq_norms  # dummy buffer when HAS_MASK is False
+    if m.dtype == torch.bool:
+        m = m.to(torch.uint8)
+    _launch(_kclip._clip_factor_kernel, spec, sq_norms.float().contiguous(), m.contiguous(),
+            max_grad_norm.float().reshape(1), c, n, B, float(gamma),
+            HAS_MASK=mask is not None, AUTOMATIC=bool(automatic))
+    return c, n
+
+
+@clip_factors.register_fake
+def _(sq_norms, mask, max_grad_norm, automatic, gamma):
+    return sq_norms.new_empty(sq_norms.shape, dtype=torch.float32), sq_norms.new_empty(sq_norms.shape, dtype=torch.float32)

@@ -1,0 +1,4 @@
+"""dpprims for PyTorch: the DP engine (imports torch)."""
+from .engine import DPEngine
+
+__all__ = ["DPEngine"]

@@ -1,0 +1,253 @@
+"""DPEngine: per-example clipped gradient sums for a PyTorch model in one forward + one backward.
+
+    engine = DPEngine(model, max_grad_norm=1.0)
+    loss = F.cross_entropy(model(x), y, reduction="none")   # per-example losses [B]
+    norms = engine.backward(loss, mask=mask)                 # .grad = sum_i c_i g_i
+
+Guarantee (what the engine promises, noise aside): after ``engine.backward`` every trainable
+parameter's ``.grad`` holds (adds) sum_i c_i g_i over the examples of the batch, with g_i the
+gradient of example i's loss and c_i its clip factor (kernels/clip.py), so each example's
+contribution to the whole model's gradient has L2 norm <= max_grad_norm. Nothing else reaches
+``.grad``: no noise, no normalisation (the trainer adds both once per logical batch).
+
+Edge cases, all privacy-relevant and tested:
+
+* ``mask`` (bool or 0/1, [B]): rows with mask 0 are padding and contribute nothing.
+* an example with a non-finite gradient norm contributes nothing; the count is reported in
+  ``last_stats["nonfinite"]`` and summed in ``nonfinite_total`` (device tensors: reading them
+  syncs, so the engine never does it per physical batch; the trainer logs them per step).
+* loss reduction: pass per-example losses [B] (recommended), or a scalar that is their sum
+  (``loss_reduction="sum"``), or their mean over the B rows of the physical batch, padding
+  included (``loss_reduction="mean"``: output gradients are multiplied back by B). A scalar
+  loss whose autograd node says "mean" (``.mean()``, or a torch loss with reduction="mean")
+  while the engine expects "sum" is an error, not a silent 1/B scaling of the clip norm.
+* every module with trainable parameters must be one the engine can clip; anything else
+  (BatchNorm, which mixes examples; custom modules with their own parameters) raises when the
+  engine is built, naming the module and what to do.
+* if autograd ever produces a gradient for a parameter the engine owns (the weight was used
+  outside its module's forward, e.g. tied or functional use), backward raises: that gradient
+  would be non-private.
+* B = 0 (empty physical batch) is a valid step: it contributes 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpprims.bindings.torch import _backend
+from dpprims.bindings.torch.linear import check_max_grad_norm, clip_factors
+
+from .handlers import handler_for
+
+_BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
+_NORM_METHODS = ("auto", "ghost", "direct")
+
+
+class DPEngine:
+    """Per-example clipping for a torch model; see the module docstring for the guarantee.
+
+    Args:
+        model: the nn.Module; its supported layers are wrapped in place (``detach()`` undoes it).
+        max_grad_norm: the clip norm C (>= 0; inf only with flat clipping).
+        clipping: "flat" (min(1, C/(n+1e-6))) or "automatic" (C/(n+gamma)).
+        gamma: stability constant of automatic clipping.
+        norm_method: "auto" (per layer, cheapest by the flop model), "ghost", "direct", or a
+            dict {module name: method} overriding single layers ("auto" for the rest).
+        loss_reduction: "sum" or "mean" for scalar losses (see module docstring).
+        precision: tl.dot precision for fp32 operands: "ieee" (default), "tf32x3", "tf32".
+    """
+
+    def __init__(self, model: torch.nn.Module, max_grad_norm: float, *, clipping: str = "flat",
+                 gamma: float = 0.01, norm_method="auto", loss_reduction: str = "sum",
+                 precision: str = "ieee") -> None:
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm, clipping)
+        self.clipping = clipping
+        self.gamma = float(gamma)
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+        if isinstance(norm_method, str):
+            if norm_method not in _NORM_METHODS:
+                raise ValueError(f"norm_method must be one of {_NORM_METHODS} or a dict, got {norm_method!r}")
+            self._norm_default, self._norm_overrides = norm_method, {}
+        else:
+            self._norm_default, self._norm_overrides = "auto", dict(norm_method)
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        if precision not in ("ieee", "tf32x3", "tf32"):
+            raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
+        self.precision = precision
+        self.model = model
+        self.handlers = self._build_handlers(model)
+        unknown = set(self._norm_overrides) - {h.name for h in self.handlers}
+        if unknown:
+            raise ValueError(f"norm_method names layers the engine does not clip: {sorted(unknown)}")
+        for name, method in self._norm_overrides.items():
+            if method not in _NORM_METHODS:
+                raise ValueError(f"norm_method for {name!r} must be one of {_NORM_METHODS}, got {method!r}")
+        self._hooks = []
+        for h in self.handlers:
+            h.install()
+            for pname, p in h.module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self._hooks.append(p.register_hook(self._leak_guard(f"{h.name}.{pname}" if h.name else pname)))
+        self.nonfinite_total = 0
+        self.last_stats: dict = {}
+
+    # -- construction ----------------------------------------------------------------------
+    @staticmethod
+    def _build_handlers(model: torch.nn.Module) -> list:
+        handlers, owner = [], {}
+        for name, module in model.named_modules():
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            label = name or "<root>"
+            if isinstance(module, _BN_TYPES):
+                raise ValueError(
+                    f"DPEngine: module {label!r} ({type(module).__name__}) has trainable parameters and "
+                    "mixes examples through batch statistics, which breaks per-example clipping (DP). "
+                    "Replace it by GroupNorm, e.g. dpprims.models.convert_batchnorm_to_groupnorm(model), "
+                    "or freeze it (requires_grad_(False)) and keep it in eval mode.")
+            cls = handler_for(module)
+            if cls is None:
+                raise ValueError(
+                    f"DPEngine: module {label!r} ({type(module).__name__}) has trainable parameters "
+                    f"{[n for n, _ in params]} that dpprims cannot clip per example. Supported layers: "
+                    f"{_supported_names()}. Freeze these parameters (requires_grad_(False)) or "
+                    "rebuild the module from supported layers.")
+            for n, p in params:
+                if id(p) in owner:
+                    raise ValueError(
+                        f"DPEngine: parameter {label}.{n} is the same tensor as {owner[id(p)]} (tied "
+                        "weights); per-example norms of tied parameters are not supported yet.")
+                owner[id(p)] = f"{label}.{n}"
+            handlers.append(cls(name, module, None))
+        if not handlers:
+            raise ValueError("DPEngine: the model has no trainable parameters")
+        return handlers
+
+    def _leak_guard(self, pname: str):
+        def hook(grad):
+            if grad is None:  # the DP layer's own backward reports "no gradient" as None
+                return None
+            raise RuntimeError(
+                f"DPEngine: autograd computed a gradient for {pname!r} outside its DP layer (the "
+                "parameter is used functionally or shared with another module). That gradient "
+                "would not be clipped per example; use the module's forward instead.")
+        return hook
+
+    def norm_method_for(self, name: str) -> str:
+        return self._norm_overrides.get(name, self._norm_default)
+
+    # -- the step --------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Backward of ``loss`` with per-example clipping; returns per-example norms [B] (fp32).
+
+        ``loss``: per-example losses [B], or a scalar (see ``loss_reduction``).
+        ``mask``: optional [B] (bool or 0/1); 0 marks padding rows that contribute nothing.
+        """
+        for h in self.handlers:
+            h.engine = self
+        total, per_example_B, mean = self._total_loss(loss)
+        total.backward()
+        try:
+            Bs = {h.name: h.batch_size() for h in self.handlers}
+            present = {n: b for n, b in Bs.items() if b is not None}
+            if not present:
+                raise RuntimeError("DPEngine.backward: no DP layer took part in this loss's backward "
+                                   "(was the forward run under torch.no_grad, or with another model?)")
+            if len(set(present.values())) != 1:
+                raise RuntimeError(f"DPEngine.backward: layers saw different batch sizes {present}")
+            B = next(iter(present.values()))
+            if per_example_B is not None and per_example_B != B:
+                raise ValueError(f"loss has {per_example_B} per-example entries but the layers saw B = {B}")
+            scale = float(B) if mean else 1.0
+            device = next(self.model.parameters()).device
+            sq = torch.zeros(B, device=device, dtype=torch.float32)
+            for h in self.handlers:
+                if h.batch_size() is not None:
+                    sq = sq + h.sq_norms(B)
+            if scale != 1.0:
+                sq = sq * (scale * scale)
+            if mask is not None:
+                mask = torch.as_tensor(mask, device=device)
+                if mask.shape != (B,):
+                    raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
+            C = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
+            c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma)
+            c_eff = c * scale if scale != 1.0 else c
+            for h in self.handlers:
+                if h.batch_size() is not None:
+                    h.accumulate_clipped(c_eff)
+            # Step statistics stay on the device (no host sync per physical batch); callers
+            # read them with int(...) when they log.
+            valid = torch.ones(B, dtype=torch.bool, device=device) if mask is None else (mask != 0)
+            nonfinite = (~torch.isfinite(norms) & valid).sum()
+            self.nonfinite_total = self.nonfinite_total + nonfinite
+            self.last_stats = dict(batch_size=B, nonfinite=nonfinite,
+                                   clipped=((norms > self.max_grad_norm) & valid).sum(),
+                                   backends=dict(_backend.LAST_BACKEND))
+            return norms
+        finally:
+            for h in self.handlers:
+                h.state.clear()
+
+    def _total_loss(self, loss: torch.Tensor):
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise ValueError("DPEngine.backward needs a loss tensor that requires grad")
+        if loss.dim() == 1:
+            return loss.sum(), loss.shape[0], False
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be per-example [B] or a scalar, got shape {tuple(loss.shape)}")
+        detected = _detect_mean(loss)
+        if detected and self.loss_reduction == "sum":
+            raise ValueError(
+                "DPEngine.backward: the scalar loss is a mean over the batch but the engine was built "
+                "with loss_reduction='sum'. Pass per-example losses (reduction='none'), or build the "
+                "engine with loss_reduction='mean'.")
+        return loss, None, self.loss_reduction == "mean"
+
+    # -- inspection ------------------------------------------------------------------------
+    def plan(self) -> list:
+        """Per-layer plan of the last backward: layer, kind, T, d, p, method, flops and bytes of
+        the norm pass vs the weight-gradient GEMM (None for layers not yet run)."""
+        return [h.plan() or dict(layer=h.name, kind=h.kind) for h in self.handlers]
+
+    def format_plan(self) -> str:
+        rows = self.plan()
+        head = f"{'layer':<28}{'kind':<10}{'T':>7}{'d':>7}{'p':>7}  {'method':<8}{'norm GF':>10}{'wgrad GF':>10}{'ratio':>8}"
+        lines = [head]
+        for r in rows:
+            if "method" not in r:
+                lines.append(f"{r['layer']:<28}{r['kind']:<10}  (not run yet)")
+                continue
+            ratio = r["norm_flops"] / max(1, r["weight_grad_flops"])
+            lines.append(f"{r['layer']:<28}{r['kind']:<10}{r['T']:>7}{r['d']:>7}{r['p']:>7}  {r['method']:<8}"
+                         f"{r['norm_flops'] / 1e9:>10.3f}{r['weight_grad_flops'] / 1e9:>10.3f}{ratio:>8.3f}")
+        return "\n".join(lines)
+
+    def detach(self) -> torch.nn.Module:
+        """Restore the model's own forwards and remove the engine's hooks."""
+        for h in self.handlers:
+            h.uninstall()
+            h.state.clear()
+        for hk in self._hooks:
+            hk.remove()
+        self._hooks.clear()
+        return self.model
+
+
+def _detect_mean(loss: torch.Tensor) -> bool:
+    fn = loss.grad_fn
+    if fn is None:
+        return False
+    if type(fn).__name__.startswith("MeanBackward"):
+        return True
+    return getattr(fn, "_saved_reduction", None) == 1  # at::Reduction::Mean
+
+
+def _supported_names() -> list:
+    from .handlers import HANDLERS
+    return sorted({t.__name__ for h in HANDLERS for t in h.module_types})

@@ -1,0 +1,21 @@
+"""Layer handlers of the torch DPEngine, one per supported module type (see base.py)."""
+from __future__ import annotations
+
+from .base import LayerHandler
+from .linear import LinearHandler
+
+HANDLERS: list = [LinearHandler]
+
+
+def handler_for(module):
+    """The handler class for ``module`` (exact type first, then isinstance), or None."""
+    for h in HANDLERS:
+        if type(module) in h.module_types:
+            return h
+    for h in HANDLERS:
+        if isinstance(module, h.module_types):
+            return h
+    return None
+
+
+__all__ = ["HANDLERS", "LayerHandler", "handler_for"]

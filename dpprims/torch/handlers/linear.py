@@ -1,0 +1,94 @@
+"""nn.Linear through the fused kernels.
+
+An input of shape [B, *, d] is read as A [B, T, d] with T the product of the middle dims
+(T = 1 for [B, d]); the output gradient likewise as G [B, T, p]. The first dimension is
+always the example dimension.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dpprims.bindings.torch import linear as ops
+from dpprims.kernels.linear import choose_norm_method, norm_flops
+
+from .base import Capture, LayerHandler, add_grad
+
+
+class _DPLinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward returns dL/dx only and hands dL/dy to the capture."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, capture: Capture):
+        ctx.save_for_backward(weight)
+        ctx.capture = capture
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        ctx.capture.grad_out = grad_out.detach()
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+class LinearHandler(LayerHandler):
+    module_types = (torch.nn.Linear,)
+    kind = "linear"
+
+    def forward(self, x):
+        m = self.module
+        if not self.should_capture():
+            return F.linear(x, m.weight, m.bias)
+        if x.dim() < 2:
+            raise ValueError(f"DPEngine: layer {self.name!r} got input of shape {tuple(x.shape)}; "
+                             "DP layers need a leading example (batch) dimension")
+        weight, bias = m.weight, m.bias
+        # Autocast: run F.linear on the autocast dtype and keep the activation in that dtype.
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        capture = self.state.add((x.detach(),))
+        with torch.autocast(x.device.type, enabled=False):
+            return _DPLinearFn.apply(x, weight, bias, capture)
+
+    def _pairs(self):
+        """(A [B, T, d], G [B, T, p]) combined over the calls of this forward."""
+        caps = self.state.completed()
+        As, Gs = [], []
+        for cap in caps:
+            a, g = cap.saved[0], cap.grad_out
+            As.append(a.reshape(a.shape[0], -1, a.shape[-1]))
+            Gs.append(g.reshape(g.shape[0], -1, g.shape[-1]).to(a.dtype))
+        if len(As) == 1:
+            return As[0], Gs[0]
+        # Several calls: the per-example gradient is the sum over calls, i.e. one layer call
+        # over the concatenated positions.
+        return torch.cat(As, dim=1), torch.cat(Gs, dim=1)
+
+    def sq_norms(self, B: int) -> torch.Tensor:
+        A, G = self._pairs()
+        Bc, T, D = A.shape
+        P = G.shape[2]
+        m = self.module
+        method = choose_norm_method(T, D, P, self.engine.norm_method_for(self.name))
+        total = torch.zeros(B, device=A.device, dtype=torch.float32)
+        if m.weight.requires_grad:
+            total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
+        if m.bias is not None and m.bias.requires_grad:
+            total = total + ops.linear_bias_sq_norms(G)
+        costs = norm_flops(T, D, P)
+        self.last_plan = dict(layer=self.name, kind=self.kind, T=T, d=D, p=P, method=method,
+                              norm_flops=Bc * costs[method], weight_grad_flops=2 * Bc * T * D * P,
+                              norm_bytes=Bc * T * (D + P) * A.element_size(),
+                              weight_grad_bytes=Bc * T * (D + P) * A.element_size() + 4 * D * P)
+        return total
+
+    def accumulate_clipped(self, c: torch.Tensor) -> None:
+        A, G = self._pairs()
+        m = self.module
+        if m.weight.requires_grad:
+            add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, self.engine.precision))
+        if m.bias is not None and m.bias.requires_grad:
+            add_grad(m.bias, ops.linear_clipped_bias_grad(G, c))
