@@ -1,0 +1,61 @@
+"""DP-compatible model zoo and model conversion (PyTorch).
+
+``import dpprims.models`` does not import torch: the names below are resolved lazily, on first
+access, from the torch submodules.
+
+* :mod:`.torch_resnet`: ``resnet18/34/50`` - torchvision's ResNets with GroupNorm (same module
+  names and parameter counts), ``cifar=True`` stem, reduced ``width``; ``ResNet``,
+  ``BasicBlock``, ``Bottleneck``, ``load_torchvision_state_dict``.
+* :mod:`.torch_small`: ``mlp``, ``small_cnn``, ``get_model(name, ...)``, ``MODEL_NAMES``.
+* :mod:`.convert`: ``convert_batchnorm_to_groupnorm(model, num_groups=32)``,
+  ``choose_num_groups``, ``group_norm``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    # torch_resnet
+    "ResNet": "torch_resnet",
+    "BasicBlock": "torch_resnet",
+    "Bottleneck": "torch_resnet",
+    "resnet18": "torch_resnet",
+    "resnet34": "torch_resnet",
+    "resnet50": "torch_resnet",
+    "load_torchvision_state_dict": "torch_resnet",
+    # torch_small
+    "mlp": "torch_small",
+    "small_cnn": "torch_small",
+    "SmallCNN": "torch_small",
+    "get_model": "torch_small",
+    "MODEL_NAMES": "torch_small",
+    # convert
+    "convert_batchnorm_to_groupnorm": "convert",
+    "choose_num_groups": "convert",
+    "group_norm": "convert",
+}
+_SUBMODULES = ("torch_resnet", "torch_small", "convert")
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from .convert import choose_num_groups, convert_batchnorm_to_groupnorm, group_norm
+    from .torch_resnet import (BasicBlock, Bottleneck, ResNet, load_torchvision_state_dict, resnet18,
+                               resnet34, resnet50)
+    from .torch_small import MODEL_NAMES, SmallCNN, get_model, mlp, small_cnn
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        value = getattr(module, name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
