@@ -38,3 +38,18 @@ def record(op: str, t) -> str:
         log.info("dpprims op %s runs its plain-torch implementation on CPU "
                  "(set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)", op)
     return b
+
+
+# Tests switch this on so that every output buffer a binding allocates starts as NaN: an
+# element a kernel forgot to write then fails the comparison instead of passing by luck.
+POISON = False
+
+
+def empty(shape, *, device, dtype):
+    """torch.empty for kernel outputs; NaN-filled while ``POISON`` is set (tests)."""
+    import torch
+
+    out = torch.empty(shape, device=device, dtype=dtype)
+    if POISON:
+        out.fill_(float("nan"))
+    return out

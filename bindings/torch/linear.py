@@ -18,7 +18,7 @@ import torch
 from dpprims.kernels import clip as _kclip
 from dpprims.kernels import linear as _k
 
-from ._backend import record
+from ._backend import empty, record
 
 _DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -81,7 +81,7 @@ def linear_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str, precis
     else:
         spec = _k.linear_norm_ghost_spec(B, T, D, P)
         kernel = _k._linear_norm_ghost_kernel
-    partials = torch.empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+    partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     _launch(kernel, spec, A, G, partials, T, D, P, *A.stride(), *G.stride(), DOT_PRECISION=prec)
     return partials.sum(dim=1)
 
@@ -110,7 +110,7 @@ def rows_sq_norm(x: torch.Tensor) -> torch.Tensor:
     """sum of squares of each row of a [B, N] tensor, fp32, through the row-norm kernel."""
     B, N = x.shape
     spec = _k.rows_sq_norm_spec(B, N)
-    out = torch.empty(B, device=x.device, dtype=torch.float32)
+    out = empty(B, device=x.device, dtype=torch.float32)
     _launch(_k._rows_sq_norm_kernel, spec, x, out, N, *x.stride())
     return out
 
@@ -128,7 +128,7 @@ def linear_bias_sq_norms(G: torch.Tensor) -> torch.Tensor:
     if T == 1:
         return rows_sq_norm(G[:, 0, :])
     spec = _k.linear_bias_norm_spec(B, T, P)
-    partials = torch.empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
+    partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
     _launch(_k._linear_bias_norm_kernel, spec, G, partials, T, P, *G.stride())
     return partials.sum(dim=1)
 
@@ -166,7 +166,7 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
         As = torch.where(keep, A.float(), 0.0)
         return Gs.reshape(B * T, P).t() @ As.reshape(B * T, D)
     spec = _k.linear_clipped_weight_grad_spec(B, T, D, P)
-    partials = torch.empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+    partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     _launch(_k._linear_clipped_weight_grad_kernel, spec, A, G, c, partials,
             B, T, D, P, spec.outputs["rows_per_split"], *A.stride(), *G.stride(), DOT_PRECISION=prec)
     return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
@@ -190,7 +190,7 @@ def linear_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         keep = (c != 0).view(B, 1, 1)
         return torch.where(keep, G.float() * c.view(B, 1, 1), 0.0).sum(dim=(0, 1))
     spec = _k.linear_clipped_bias_grad_spec(B, T, P)
-    out = torch.empty(P, device=G.device, dtype=torch.float32)
+    out = empty(P, device=G.device, dtype=torch.float32)
     _launch(_k._linear_clipped_bias_grad_kernel, spec, G, c, out, B, T, P, *G.stride())
     return out
 
@@ -239,8 +239,8 @@ def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_nor
             keep = keep & (mask != 0)
         return torch.where(keep, c, 0.0), n
     spec = _kclip.clip_factor_spec(B)
-    c = torch.empty(B, device=sq_norms.device, dtype=torch.float32)
-    n = torch.empty(B, device=sq_norms.device, dtype=torch.float32)
+    c = empty(B, device=sq_norms.device, dtype=torch.float32)
+    n = empty(B, device=sq_norms.device, dtype=torch.float32)
     m = mask if mask is not None else sq_norms  # dummy buffer when HAS_MASK is False
     if m.dtype == torch.bool:
         m = m.to(torch.uint8)

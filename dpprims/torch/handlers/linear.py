@@ -59,8 +59,11 @@ class LinearHandler(LayerHandler):
         As, Gs = [], []
         for cap in caps:
             a, g = cap.saved[0], cap.grad_out
-            As.append(a.reshape(a.shape[0], -1, a.shape[-1]))
-            Gs.append(g.reshape(g.shape[0], -1, g.shape[-1]).to(a.dtype))
+            T = 1
+            for n in a.shape[1:-1]:
+                T *= n
+            As.append(a.reshape(a.shape[0], T, a.shape[-1]))
+            Gs.append(g.reshape(g.shape[0], T, g.shape[-1]).to(a.dtype))
         if len(As) == 1:
             return As[0], Gs[0]
         # Several calls: the per-example gradient is the sum over calls, i.e. one layer call

@@ -1,0 +1,249 @@
+"""torch.library ops for the Conv2d / Conv1d kernels (kernels/conv.py).
+
+Every op is a ``torch.library.custom_op`` with a fake implementation, so torch.compile traces
+through it. Backends as in ``linear.py`` (see ``_backend``): the Triton kernels on CUDA, the
+same kernels through Triton's interpreter on CPU when TRITON_INTERPRET=1, and otherwise a
+plain-torch implementation of the same math (``F.unfold`` per batch chunk).
+
+Shapes (torch layouts, any strides: the kernels take strides, nothing is copied):
+
+* ``x`` [B, C_in, H, W] and ``G`` (output gradient) [B, C_out, H_out, W_out] for a 2-D conv,
+  or [B, C_in, L] and [B, C_out, L_out] for a 1-D conv (then every geometry list has one entry);
+* ``kernel_size``, ``stride``, ``dilation``: one int per spatial dim;
+* ``padding``: the LOW (top / left) padding per spatial dim. The high padding is whatever makes
+  the conv of ``x`` have G's spatial shape (so torch's asymmetric padding="same" is
+  ``padding = [d*(k-1)//2]`` per dim); ``dpprims.kernels.conv.conv_pads`` turns torch's
+  padding argument into (low, high) pairs. Zero padding only: pad non-zero modes explicitly.
+
+Outputs are fp32. Per-example norms are the sum over groups of per-group norms (no
+cross-group terms). Rows of an example with c_i == 0 are masked in every clipped sum, so an
+example with inf/NaN values contributes exactly nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dpprims.kernels import conv as _k
+from dpprims.kernels.conv import Conv2dGeometry
+
+from ._backend import empty, record
+from .linear import _check_factors, _dot_precision, _launch
+
+_METHODS = ("direct", "ghost")
+
+
+def _ints(v, n: int, name: str) -> tuple:
+    v = tuple(int(e) for e in v)
+    if len(v) != n:
+        raise ValueError(f"{name} must have {n} entries (one per spatial dim), got {list(v)}")
+    return v
+
+
+def conv_geometry(x: torch.Tensor, G: torch.Tensor, kernel_size, stride, padding, dilation,
+                  groups: int) -> tuple[Conv2dGeometry, torch.Tensor, torch.Tensor]:
+    """Validate one conv call and return (geometry, x, G) in 2-D form ([B, C, 1, L] views for a
+    1-D conv; no copies)."""
+    n = len(kernel_size)
+    if n not in (1, 2):
+        raise ValueError(f"kernel_size must have 1 (Conv1d) or 2 (Conv2d) entries, got {list(kernel_size)}")
+    if x.dim() != n + 2 or G.dim() != n + 2:
+        raise ValueError(f"a {n}-D conv needs x and G of rank {n + 2} ([B, C, *spatial]), got "
+                         f"x {tuple(x.shape)} and G {tuple(G.shape)}")
+    if x.shape[0] != G.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and G {tuple(G.shape)} must agree on the batch size")
+    if x.dtype != G.dtype:
+        raise ValueError(f"x and G must have the same dtype, got {x.dtype} and {G.dtype}")
+    if x.device != G.device:
+        raise ValueError(f"x and G must be on the same device, got {x.device} and {G.device}")
+    k = _ints(kernel_size, n, "kernel_size")
+    s = _ints(stride, n, "stride")
+    p = _ints(padding, n, "padding")
+    d = _ints(dilation, n, "dilation")
+    if min(k) < 1 or min(s) < 1 or min(d) < 1 or min(p) < 0:
+        raise ValueError(f"kernel_size, stride, dilation must be >= 1 and padding >= 0, got "
+                         f"kernel_size={k}, stride={s}, padding={p}, dilation={d}")
+    C_in, C_out = x.shape[1], G.shape[1]
+    if groups < 1 or C_in % groups or C_out % groups:
+        raise ValueError(f"groups={groups} must divide C_in={C_in} and C_out={C_out}")
+    if min(G.shape[2:], default=1) < 1 and G.shape[0] > 0:
+        raise ValueError(f"G has an empty spatial shape {tuple(G.shape)}")
+    if n == 1:
+        x, G = x.unsqueeze(2), G.unsqueeze(2)
+        k, s, p, d = (1,) + k, (1,) + s, (0,) + p, (1,) + d
+    geo = Conv2dGeometry(B=x.shape[0], C_in=C_in, H=x.shape[2], W=x.shape[3], C_out=C_out,
+                         H_out=G.shape[2], W_out=G.shape[3], KH=k[0], KW=k[1], SH=s[0], SW=s[1],
+                         PH=p[0], PW=p[1], DH=d[0], DW=d[1], groups=int(groups))
+    return geo, x, G
+
+
+# --------------------------------------------------------------------------------------------
+# per-example squared weight-gradient norms
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dpprims::conv2d_weight_sq_norms", mutates_args=())
+def conv2d_weight_sq_norms(x: torch.Tensor, G: torch.Tensor, kernel_size: list[int], stride: list[int],
+                           padding: list[int], dilation: list[int], groups: int, method: str,
+                           precision: str = "ieee") -> torch.Tensor:
+    """Per-example squared weight-gradient norms [B] (fp32) of a conv, by ``method`` in
+    {"direct", "ghost"}: sum over groups g of ||G_i,g^T U_i,g||_F^2 with U the implicit im2col
+    of x_i. An empty batch gives []; a non-finite value in example i gives a non-finite entry i."""
+    geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
+    if method not in _METHODS:
+        raise ValueError(f"method must be 'direct' or 'ghost', got {method!r}")
+    prec = _dot_precision(x, precision)
+    if geo.B == 0 or geo.T == 0:
+        return x.new_zeros(geo.B, dtype=torch.float32)
+    backend = record(f"conv2d_weight_sq_norms[{method}]", x)
+    if backend == "torch":
+        return _torch_weight_sq_norms(x4, G4, geo, method)
+    if method == "direct":
+        spec, kernel = _k.conv2d_norm_direct_spec(geo), _k._conv2d_norm_direct_kernel
+    else:
+        spec, kernel = _k.conv2d_norm_ghost_spec(geo), _k._conv2d_norm_ghost_kernel
+    partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
+    _launch(kernel, spec, x4, G4, partials, *geo.scalars(), *geo.conv_scalars(),
+            *x4.stride(), *G4.stride(), DOT_PRECISION=prec)
+    return partials.sum(dim=1)
+
+
+@conv2d_weight_sq_norms.register_fake
+def _(x, G, kernel_size, stride, padding, dilation, groups, method, precision="ieee"):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# clipped weight-gradient sum
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dpprims::conv2d_clipped_weight_grad", mutates_args=())
+def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor, kernel_size: list[int],
+                               stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                               precision: str = "ieee") -> torch.Tensor:
+    """sum_i c_i dW_i in the weight layout [C_out, C_in/groups, *kernel_size] (fp32): one
+    implicit-GEMM weight-gradient conv over the B*T rows with c_i fused into the load of G.
+    Rows of examples with c_i == 0 are masked, not multiplied; B = 0 gives zeros."""
+    geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
+    _check_factors(c, geo.B, x)
+    prec = _dot_precision(x, precision)
+    wshape = (geo.C_out, geo.C_in_g, *kernel_size)
+    if geo.B == 0 or geo.T == 0:
+        return x.new_zeros(wshape, dtype=torch.float32)
+    backend = record("conv2d_clipped_weight_grad", x)
+    if backend == "torch":
+        return _torch_clipped_weight_grad(x4, G4, c, geo).view(wshape)
+    spec = _k.conv2d_clipped_weight_grad_spec(geo)
+    partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
+    _launch(_k._conv2d_clipped_weight_grad_kernel, spec, x4, G4, c, partials,
+            geo.B, *geo.scalars(), spec.outputs["rows_per_split"], *geo.conv_scalars(),
+            *x4.stride(), *G4.stride(), DOT_PRECISION=prec)
+    out = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+    return out.view(wshape)
+
+
+@conv2d_clipped_weight_grad.register_fake
+def _(x, G, c, kernel_size, stride, padding, dilation, groups, precision="ieee"):
+    return x.new_empty((G.shape[1], x.shape[1] // groups, *kernel_size), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# bias
+# --------------------------------------------------------------------------------------------
+def _as_bias_view(G: torch.Tensor) -> torch.Tensor:
+    if G.dim() not in (3, 4):
+        raise ValueError(f"G must be [B, C_out, L] or [B, C_out, H, W], got {tuple(G.shape)}")
+    return G.unsqueeze(2) if G.dim() == 3 else G
+
+
+@torch.library.custom_op("dpprims::conv2d_bias_grads", mutates_args=())
+def conv2d_bias_grads(G: torch.Tensor) -> torch.Tensor:
+    """Per-example bias gradients sum over positions of G_i: [B, C_out] (fp32)."""
+    G4 = _as_bias_view(G)
+    B, C, H_out, W_out = G4.shape
+    if B == 0 or H_out * W_out == 0:
+        return G.new_zeros(B, C, dtype=torch.float32)
+    backend = record("conv2d_bias_grads", G)
+    if backend == "torch":
+        return G4.float().sum(dim=(2, 3))
+    spec = _k.conv2d_bias_grads_spec(B, C, H_out * W_out)
+    out = empty(spec.outputs["out"], device=G.device, dtype=torch.float32)
+    _launch(_k._conv2d_bias_grads_kernel, spec, G4, out, C, H_out * W_out, W_out, *G4.stride())
+    return out
+
+
+@conv2d_bias_grads.register_fake
+def _(G):
+    return G.new_empty(G.shape[0], G.shape[1], dtype=torch.float32)
+
+
+def conv2d_bias_sq_norms(G: torch.Tensor) -> torch.Tensor:
+    """Per-example ||sum over positions of G_i||^2 [B] (fp32)."""
+    return conv2d_bias_grads(G).square().sum(dim=1)
+
+
+def clipped_rows_sum(per_example: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i v_i over the rows of per-example values [B, n] (fp32); rows with c_i == 0 are
+    selected away (not multiplied), so a NaN row of a dropped example contributes 0."""
+    _check_factors(c, per_example.shape[0], per_example)
+    keep = (c != 0).unsqueeze(1)
+    return torch.where(keep, per_example * c.unsqueeze(1), 0.0).sum(dim=0)
+
+
+def conv2d_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i db_i [C_out] (fp32), from the per-example bias gradients; rows with c_i == 0
+    are masked. B = 0 gives zeros."""
+    return clipped_rows_sum(conv2d_bias_grads(G), c)
+
+
+# --------------------------------------------------------------------------------------------
+# plain-torch implementation (CPU without the interpreter; also the oracle of the fallback)
+# --------------------------------------------------------------------------------------------
+def unfold(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
+    """Explicit im2col U [B, C_in*KH*KW, T] (fp32, materialised) of a 2-D-form conv: the low
+    padding of ``geo``, and a high padding (or crop) that yields exactly H_out x W_out."""
+    hi_h = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1 - geo.H - geo.PH
+    hi_w = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1 - geo.W - geo.PW
+    xp = F.pad(x4.float(), (geo.PW, hi_w, geo.PH, hi_h))  # negative pads crop unused rows
+    return F.unfold(xp, (geo.KH, geo.KW), dilation=(geo.DH, geo.DW), stride=(geo.SH, geo.SW))
+
+
+def _chunks(geo: Conv2dGeometry, extra: int):
+    """Batch chunks holding at most ~2^24 fp32 values (~64 MiB) of U, G and ``extra`` per example."""
+    per_example = geo.T * (geo.C_in * geo.KH * geo.KW + geo.C_out) + extra
+    step = max(1, (1 << 24) // max(1, per_example))
+    return range(0, geo.B, step), step
+
+
+def _torch_weight_sq_norms(x4, G4, geo: Conv2dGeometry, method: str) -> torch.Tensor:
+    rng, step = _chunks(geo, geo.groups * (geo.D * geo.P if method == "direct" else 2 * geo.T * geo.T))
+    out = []
+    for s in rng:
+        U = unfold(x4[s:s + step], geo)
+        b = U.shape[0]
+        U = U.view(b, geo.groups, geo.D, geo.T)
+        Gg = G4[s:s + step].float().reshape(b, geo.groups, geo.P, geo.T)
+        if method == "direct":
+            out.append(torch.einsum("bgpt,bgdt->bgpd", Gg, U).square().sum(dim=(1, 2, 3)))
+        else:
+            uu = torch.einsum("bgds,bgdt->bgst", U, U)
+            gg = torch.einsum("bgps,bgpt->bgst", Gg, Gg)
+            out.append((uu * gg).sum(dim=(1, 2, 3)))
+    return torch.cat(out)
+
+
+def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
+    rng, step = _chunks(geo, 0)
+    total = x4.new_zeros(geo.groups, geo.P, geo.D, dtype=torch.float32)
+    for s in rng:
+        U = unfold(x4[s:s + step], geo)
+        b = U.shape[0]
+        cs = c[s:s + step]
+        keep = (cs != 0).view(b, 1, 1)
+        U = torch.where(keep, U, 0.0).view(b, geo.groups, geo.D, geo.T)
+        Gg = torch.where(keep, G4[s:s + step].float().reshape(b, geo.C_out, geo.T) * cs.view(b, 1, 1), 0.0)
+        total += torch.einsum("bgpt,bgdt->gpd", Gg.view(b, geo.groups, geo.P, geo.T), U)
+    return total.reshape(geo.C_out, geo.D)
+
+
+__all__ = [
+    "conv_geometry", "conv2d_weight_sq_norms", "conv2d_clipped_weight_grad", "conv2d_bias_grads",
+    "conv2d_bias_sq_norms", "conv2d_clipped_bias_grad", "clipped_rows_sum", "unfold",
+]
