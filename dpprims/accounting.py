@@ -24,12 +24,15 @@ Truncated Poisson sampling (a cap `max_batch_size` on the logical batch, see
     is (eps, delta_rdp + T * tau * (1 + e^eps))-DP whenever the untruncated one is
     (eps, delta_rdp)-DP. `epsilon()` returns the smallest eps (fixed-point iteration) with
     eps >= eps_rdp(delta - T * tau * (1 + e^eps)), or inf if none exists. For a cap a few
-    standard deviations above q*N, tau is astronomically small and this equals plain RDP.
+    standard deviations above q*N, tau is astronomically small and this equals plain RDP;
+    for a cap within ~5 standard deviations of q*N, T * tau exceeds delta and epsilon is inf
+    (e.g. N=60000, q=256/60000, cap=330, 14062 steps): use method="pld" for tight caps.
 
 Numpy / scipy / dp_accounting only: no torch or jax imports.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -92,8 +95,11 @@ def _truncation_tail(num_examples: int, sample_rate: float, cap: int) -> float:
     return float(stats.binom.sf(cap, num_examples + 1, sample_rate))
 
 
+@functools.lru_cache(maxsize=512)
 def _epsilon(sigma, q, delta, steps, method, cap, n) -> float:
-    """Epsilon of `steps` Poisson-subsampled Gaussian steps (see the module docstring)."""
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps (see the module docstring).
+
+    Memoised (PLD evaluations take up to seconds; plans and checkpoints ask repeatedly)."""
     if steps == 0:
         return 0.0
     if sigma == 0.0:
