@@ -32,7 +32,9 @@ Numpy / scipy / dp_accounting only: no torch or jax imports.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from typing import Any
 
@@ -95,8 +97,27 @@ def _truncation_tail(num_examples: int, sample_rate: float, cap: int) -> float:
     return float(stats.binom.sf(cap, num_examples + 1, sample_rate))
 
 
-@functools.lru_cache(maxsize=512)
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp_accounting's RDP code logs a warning for each Renyi order whose series does not
+    converge (e.g. alpha = 1.1 at q = 0.06) and then excludes that order: epsilon is the minimum
+    over the remaining orders, still a valid upper bound. Silence that per-call noise."""
+    lg = logging.getLogger("absl")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
 def _epsilon(sigma, q, delta, steps, method, cap, n) -> float:
+    with _quiet_absl():
+        return _epsilon_impl(sigma, q, delta, steps, method, cap, n)
+
+
+@functools.lru_cache(maxsize=512)
+def _epsilon_impl(sigma, q, delta, steps, method, cap, n) -> float:
     """Epsilon of `steps` Poisson-subsampled Gaussian steps (see the module docstring).
 
     Memoised (PLD evaluations take up to seconds; plans and checkpoints ask repeatedly)."""
