@@ -1,0 +1,240 @@
+"""torch ops for the fused DP step: noise + normalisation + SGD / Adam / AdamW update in one pass
+per parameter (kernels/update.py).
+
+Ops (torch.library.custom_op; fake implementations for torch.compile):
+
+* ``dpprims::noisy_sgd_update(param!, momentum_buffer!?, grad, seed, step, hyper, pair_offset,
+  rank, nesterov, write_grad) -> Tensor``
+* ``dpprims::noisy_adam_update(param!, exp_avg!, exp_avg_sq!, grad, seed, step, hyper,
+  pair_offset, rank, decoupled, write_grad) -> Tensor``  (decoupled=True: AdamW)
+
+Both compute g = (grad + std z) / normaliser with z exactly the noise of
+``dpprims::gaussian_noise`` for the same (seed, step, pair_offset, rank), update the parameter and
+its state in place with torch.optim's semantics, and return g when write_grad (else an empty
+tensor). hyper: fp32[9] device array, layout ``dpprims.kernels.update.hyper_values``; seed int32[2],
+step int32[1] (1-based for Adam's bias correction). Backends as in ``_backend``: Triton kernel on
+CUDA and under the interpreter, else the same arithmetic in torch (bit-compatible on CPU).
+
+User API: :func:`add_noise_and_step` over a parameter list.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpprims import noise as _nz
+from dpprims.kernels import update as _ku
+
+from ._backend import record
+from .noise import _check_scalars, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
+
+__all__ = ["add_noise_and_step", "make_hyper"]
+
+
+# ----------------------------------------------------------------------------- plain torch
+def _pow_f64(base: float, t: int) -> float:
+    """kernels/update.py::_pow_f64 in Python doubles (same operations, same rounding)."""
+    acc = 1.0
+    for i in range(31):
+        if (t >> i) & 1:
+            acc = acc * base
+        base = base * base
+    return acc
+
+
+def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
+                  seed: Tensor, step: Tensor, hyper: Tensor, pair_offset: int, rank: int, nesterov: bool,
+                  grad_out: Optional[Tensor]) -> None:
+    f32 = torch.float32
+    z = gaussian_noise_torch(param.numel(), seed, step, pair_offset, rank).reshape(param.shape)
+    std, norm, lr, b1, b2, eps, wd, omb1, omb2 = (hyper[i] for i in range(_ku.N_HYPER))
+    g = (grad.to(f32) + std * z) / norm
+    if grad_out is not None:
+        grad_out.copy_(g)
+    p = param.to(f32)
+    if kind == _ku.SGD:
+        d = g + wd * p
+        if s1 is not None:
+            buf = s1.to(f32) * b1 + d
+            s1.copy_(buf)
+            d = d + b1 * buf if nesterov else buf
+        p = p - lr * d
+    else:
+        t = int(step.reshape(-1)[0].item())
+        lr64, wd64 = float(lr), float(wd)
+        bc1 = 1.0 - _pow_f64(1.0 - float(omb1), t)
+        bc2 = 1.0 - _pow_f64(1.0 - float(omb2), t)
+        step_size = torch.tensor(np.float32(lr64 / bc1))
+        bc2_sqrt = torch.tensor(np.float32(math.sqrt(bc2)))
+        if kind == _ku.ADAMW:
+            p = p * torch.tensor(np.float32(1.0 - lr64 * wd64))
+        else:
+            g = g + wd * p
+        m = s1.to(f32)
+        m = m + omb1 * (g - m)
+        v = s2.to(f32) * b2 + omb2 * g * g
+        s1.copy_(m)
+        s2.copy_(v)
+        denom = _ufunc(np.sqrt, v) / bc2_sqrt + eps
+        p = p - (step_size * m) / denom
+    param.copy_(p)
+
+
+# ----------------------------------------------------------------------------- launch
+def _launch_update(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
+                   seed: Tensor, step: Tensor, hyper: Tensor, pair_offset: int, rank: int, nesterov: bool,
+                   write_grad: bool) -> Tensor:
+    for name, t in (("param", param), ("grad", grad), ("state", s1), ("state", s2)):
+        if t is None:
+            continue
+        if t.shape != param.shape or t.device != param.device:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} on {t.device} != parameter {tuple(param.shape)} "
+                             f"on {param.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (dpprims makes no silent copies)")
+    _check_scalars(seed, step, hyper, param.device, n_scal=_ku.N_HYPER)
+    n = param.numel()
+    _nz.check_pair_range(pair_offset, n)
+    backend = record("noisy_update", param)
+    grad_out = torch.empty_like(grad) if write_grad else grad.new_empty(0)
+    if n == 0:
+        return grad_out
+    if backend == "torch":
+        _update_torch(kind, param, s1, s2, grad, seed, step, hyper, pair_offset, rank, nesterov,
+                      grad_out if write_grad else None)
+        return grad_out
+    name = {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind]
+    spec = _ku.noisy_update_spec(n, name, nesterov=nesterov, has_state1=s1 is not None, write_grad=write_grad)
+    d1 = s1 if s1 is not None else param  # dummies: never read or written (HAS_STATE1 / OPTIMIZER)
+    d2 = s2 if s2 is not None else param
+    dg = grad_out if write_grad else param
+    _ku._noisy_update_kernel[spec.grid](
+        grad, param, d1, d2, seed, step, hyper, n, int(pair_offset), _nz.stream_word(rank),
+        param, d1, d2, dg, num_warps=spec.num_warps, **spec.constexprs)
+    return grad_out
+
+
+@torch.library.custom_op("dpprims::noisy_sgd_update", mutates_args=("param", "momentum_buffer"))
+def _noisy_sgd_update_op(param: Tensor, momentum_buffer: Optional[Tensor], grad: Tensor, seed: Tensor,
+                         step: Tensor, hyper: Tensor, pair_offset: int, rank: int, nesterov: bool,
+                         write_grad: bool) -> Tensor:
+    return _launch_update(_ku.SGD, param, momentum_buffer, None, grad, seed, step, hyper, pair_offset, rank,
+                          nesterov, write_grad)
+
+
+@_noisy_sgd_update_op.register_fake
+def _(param, momentum_buffer, grad, seed, step, hyper, pair_offset, rank, nesterov, write_grad):
+    return torch.empty_like(grad) if write_grad else grad.new_empty(0)
+
+
+@torch.library.custom_op("dpprims::noisy_adam_update", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def _noisy_adam_update_op(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, seed: Tensor,
+                          step: Tensor, hyper: Tensor, pair_offset: int, rank: int, decoupled: bool,
+                          write_grad: bool) -> Tensor:
+    return _launch_update(_ku.ADAMW if decoupled else _ku.ADAM, param, exp_avg, exp_avg_sq, grad, seed, step,
+                          hyper, pair_offset, rank, False, write_grad)
+
+
+@_noisy_adam_update_op.register_fake
+def _(param, exp_avg, exp_avg_sq, grad, seed, step, hyper, pair_offset, rank, decoupled, write_grad):
+    return torch.empty_like(grad) if write_grad else grad.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- user API
+def make_hyper(*, noise_std: float, normaliser: float, optimizer: str = "sgd", lr: float = 0.0,
+               momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+               device=None) -> Tensor:
+    """The fp32[9] hyper-parameter array of the fused ops (layout: kernels/update.py)."""
+    vals = _ku.hyper_values(std=noise_std, normaliser=normaliser, lr=lr, momentum=momentum, betas=betas,
+                            eps=eps, weight_decay=weight_decay, optimizer=optimizer)
+    return torch.tensor(vals, dtype=torch.float32, device=device)
+
+
+def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: float, seed, step, rank: int = 0,
+                       optimizer: str = "sgd", lr: float, momentum: float = 0.0, nesterov: bool = False,
+                       weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                       return_noisy_grads: bool = False):
+    """One private optimizer step over ``params``, one fused kernel per parameter:
+
+        g_i = (p_i.grad + noise_std * z_i) / normaliser,   then p_i <- optimizer step with g_i
+
+    params: list of parameters (the same list, same order, every step) whose ``.grad`` holds the
+        clipped gradient sum of the logical batch (None = zero: an empty Poisson batch still gets
+        noise and a step). Parameters and grads must be contiguous; grads are read, not changed.
+    state: a dict owned by the caller, ``{}`` at the first step; holds the optimizer buffers
+        ('momentum_buffer' or 'exp_avg'/'exp_avg_sq' lists, zero-initialised like torch.optim),
+        the pair offsets and the last step (checked: the parameter list must not change).
+    noise_std: sigma * C.  normaliser: q * N (expected batch size; never the sampled size).
+    seed: int in [0, 2^64) (e.g. dpprims.noise.secure_seed()) or int32[2] tensor.
+    step: int in [1, 2^31) or int32[1] tensor: the 1-based optimizer step, which is also the noise
+        stream. Integer steps must increase from call to call (a repeated step would repeat the
+        noise); tensor steps (for CUDA graphs) are the caller's responsibility.
+    rank: data-parallel rank (< 2^20) of the process drawing the noise.
+    optimizer: "sgd" (lr, momentum, nesterov, weight_decay; dampening 0), "adam" (lr, betas, eps,
+        L2 weight_decay) or "adamw" (decoupled weight_decay), all with torch.optim's semantics.
+    return_noisy_grads: also return the list of g_i (for logging); otherwise returns None.
+
+    Guarantee: the released g_i are the Gaussian mechanism with std noise_std on clipped sums of
+    sensitivity C (noise drawn once per logical batch, from dpprims' generator: extra delta at
+    most dpprims.noise.truncation_delta_bound(sigma, q, steps)). Edge cases: noise_std = 0 gives
+    the non-private update (tests); parameters with no elements are skipped; non-finite clipped
+    sums propagate (the clipping stage zeroes non-finite examples).
+    """
+    params = list(params)
+    if optimizer not in _ku.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(_ku.OPTIMIZERS)}, got {optimizer!r}")
+    if nesterov and (optimizer != "sgd" or momentum <= 0):
+        raise ValueError("nesterov needs optimizer='sgd' and momentum > 0")
+    if not normaliser > 0:
+        raise ValueError(f"normaliser (q * N) must be > 0, got {normaliser}")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    numels = [p.numel() for p in params]
+    if "pair_offsets" not in state:
+        state["numels"] = numels
+        state["pair_offsets"], state["total_pairs"] = _nz.pair_offsets(numels)
+        state["optimizer"] = optimizer
+        state["last_step"] = None
+    elif state["numels"] != numels or state["optimizer"] != optimizer:
+        raise ValueError("add_noise_and_step: the parameter list or optimizer changed since the state was created")
+    if not isinstance(step, Tensor):
+        _nz.check_step(step)
+        if optimizer != "sgd" and int(step) < 1:
+            raise ValueError(f"Adam's bias correction needs step >= 1, got {step}")
+        if state["last_step"] is not None and int(step) <= state["last_step"]:
+            raise ValueError(f"step {int(step)} <= previous step {state['last_step']}: the noise of a step "
+                             "must never be reused")
+    kind = _ku.OPTIMIZERS[optimizer]
+    has_momentum = optimizer == "sgd" and momentum != 0
+    with torch.no_grad():
+        if kind != _ku.SGD and "exp_avg" not in state:
+            state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            state["exp_avg_sq"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        if has_momentum and "momentum_buffer" not in state:
+            state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        cache: dict = {}
+        out = []
+        for i, (p, off) in enumerate(zip(params, state["pair_offsets"])):
+            d = p.device
+            if d not in cache:
+                cache[d] = (as_seed_tensor(seed, d), as_step_tensor(step, d),
+                            make_hyper(noise_std=noise_std, normaliser=normaliser, optimizer=optimizer, lr=lr,
+                                       momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay,
+                                       device=d))
+            seed_t, step_t, hyper = cache[d]
+            grad = p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if kind == _ku.SGD:
+                buf = state["momentum_buffer"][i] if has_momentum else None
+                g = _noisy_sgd_update_op(p, buf, grad, seed_t, step_t, hyper, off, int(rank), bool(nesterov),
+                                         bool(return_noisy_grads))
+            else:
+                g = _noisy_adam_update_op(p, state["exp_avg"][i], state["exp_avg_sq"][i], grad, seed_t, step_t,
+                                          hyper, off, int(rank), kind == _ku.ADAMW, bool(return_noisy_grads))
+            out.append(g)
+    if not isinstance(step, Tensor):
+        state["last_step"] = int(step)
+    return out if return_noisy_grads else None
