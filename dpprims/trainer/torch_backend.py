@@ -1,9 +1,11 @@
 """The PyTorch backend of the trainer: DPEngine for the clipped sums, then noise + update.
 
-Noise: z ~ N(0, I) drawn once per logical step from a counter-based generator keyed by
-(noise seed, step), so a resumed run draws exactly the noise an uninterrupted run would;
-g = (clipped sum + sigma*C*z) / (q*N) with q*N the public expected batch size; then the
-optimizer (SGD with momentum, Adam, AdamW) steps on g. See ``noisy_step``.
+Noise and update are one fused kernel pass per parameter (bindings/torch/update.py):
+g = (clipped sum + sigma*C*z) / (q*N), with q*N the public expected batch size and z from
+dpprims' counter-based Philox generator keyed by (noise seed, step, parameter range, rank), so a
+resumed run draws exactly the noise an uninterrupted run would; then SGD (momentum, Nesterov),
+Adam or AdamW with torch.optim's semantics. The noise tails are good to an extra delta below
+dpprims.noise.truncation_delta_bound (< 1e-12 for sigma >= 0.3).
 """
 from __future__ import annotations
 
@@ -15,17 +17,6 @@ from dpprims.plan import DPPlan
 from dpprims.torch import DPEngine
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                   betas=(0.9, 0.999), eps: float = 1e-8):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 class TorchBackend:
@@ -45,7 +36,8 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, plan: DPPlan, *, optimizer: str = "sgd", lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 0.0, device: str = "cpu",
-                 precision: str = "fp32", clipping: str = "flat", norm_method="auto") -> None:
+                 precision: str = "fp32", clipping: str = "flat", norm_method="auto", betas=(0.9, 0.999),
+                 eps: float = 1e-8, rank: int = 0) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.device = torch.device(device)
@@ -54,8 +46,13 @@ class TorchBackend:
         self.precision = precision
         self.engine = DPEngine(self.model, plan.max_grad_norm, clipping=clipping, norm_method=norm_method)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer_name = optimizer
-        self.optimizer = make_optimizer(optimizer, self.params, lr, momentum, weight_decay)
+        self.hyper = dict(lr=float(lr), momentum=float(momentum) if optimizer == "sgd" else 0.0,
+                          weight_decay=float(weight_decay), betas=tuple(betas), eps=float(eps))
+        self.opt_state: dict = {}  # optimizer buffers of the fused update (see add_noise_and_step)
+        self.rank = int(rank)
         self.noise_seed = 0
         self._stats = {}
 
@@ -78,31 +75,22 @@ class TorchBackend:
         self._stats["nonfinite"] = self._stats.get("nonfinite", 0) + int(self.engine.last_stats["nonfinite"])
         return float(valid.sum()), int(mb.sum())
 
-    def _noise_generator(self, step: int) -> torch.Generator:
-        """A generator keyed by (seed, step) alone: no hidden state to checkpoint."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed((self.noise_seed * 1_000_003 + step) % (2**63 - 1))
-        return g
-
     @torch.no_grad()
     def noisy_step(self, step: int) -> None:
-        """g = (sum_i c_i g_i + sigma*C*z) / (q*N); optimizer step on g; zero the sums.
+        """One fused pass per parameter: g = (sum_i c_i g_i + sigma*C*z) / (q*N), then the
+        optimizer update; the clipped sums are then cleared. ``step`` is the 0-based logical step
+        (the noise stream is step + 1, never reused). A parameter whose .grad is None (no
+        physical batch reached it) is a zero clipped sum and still gets noise, as the mechanism
+        requires."""
+        from dpprims.bindings.torch.update import add_noise_and_step
 
-        A parameter whose .grad is None (no physical batch reached it) is treated as a zero
-        clipped sum: it still gets noise, as the mechanism requires.
-        """
-        std = self.plan.noise_std
-        norm = self.plan.normaliser
-        gen = self._noise_generator(step)
+        h = self.hyper
+        add_noise_and_step(self.params, state=self.opt_state, noise_std=self.plan.noise_std,
+                           normaliser=self.plan.normaliser, seed=self.noise_seed, step=step + 1, rank=self.rank,
+                           optimizer=self.optimizer_name, lr=h["lr"], momentum=h["momentum"],
+                           weight_decay=h["weight_decay"], betas=h["betas"], eps=h["eps"])
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if std > 0:
-                z = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
-                p.grad.add_(z.to(p.grad.dtype), alpha=std)
-            p.grad.div_(norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            p.grad = None
 
     def step_stats(self) -> dict:
         s, self._stats = self._stats, {}
@@ -124,11 +112,11 @@ class TorchBackend:
 
     def state_dict(self) -> dict:
         return dict(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                    optimizer=self.optimizer.state_dict())
+                    optimizer=_to_device(self.opt_state, "cpu"))
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.opt_state = _to_device(state["optimizer"], self.device)
 
     def kernel_paths(self) -> dict:
         """Which implementation each clipping op last ran on (triton / triton-interpreter / torch)."""
@@ -141,3 +129,13 @@ class TorchBackend:
                     optimizer=self.optimizer_name, torch=torch.__version__,
                     parameters=int(sum(p.numel() for p in self.params)))
 
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device).clone()
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
