@@ -306,6 +306,10 @@ def test_unsupported_modules_are_errors_at_build():
 
     with pytest.raises(ValueError, match=r"'<root>'.*Custom.*\['scale'\].*Freeze"):
         DPEngine(Custom(), 1.0)
+    # a frozen Embedding with max_norm still rewrites its weights from the private batch
+    emb = nn.Embedding(10, 4, max_norm=1.0).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'0'.*max_norm"):
+        DPEngine(nn.Sequential(emb, nn.Linear(4, 2)), 1.0)
     # frozen BatchNorm (eval mode, no trainable params) is fine
     frozen = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).requires_grad_(False))
     DPEngine(frozen, 1.0)

@@ -100,10 +100,17 @@ class DPEngine:
     def _build_handlers(model: torch.nn.Module) -> list:
         handlers, owner = [], {}
         for name, module in model.named_modules():
+            label = name or "<root>"
+            if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
+                # Even frozen: the forward renormalises the looked-up weight rows in place, so
+                # the weights would change, without noise, depending on the private batch.
+                raise ValueError(
+                    f"DPEngine: embedding {label!r} has max_norm={module.max_norm}: its forward rewrites "
+                    "the weight rows of the tokens in the batch in place (a data-dependent, noiseless "
+                    "change), even when frozen. Use max_norm=None.")
             params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue
-            label = name or "<root>"
             if isinstance(module, _BN_TYPES):
                 raise ValueError(
                     f"DPEngine: module {label!r} ({type(module).__name__}) has trainable parameters and "

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from .base import LayerHandler
+from .conv import ConvHandler
+from .embedding import EmbeddingHandler
 from .linear import LinearHandler
+from .norm import GroupNormHandler, LayerNormHandler
 
-HANDLERS: list = [LinearHandler]
+HANDLERS: list = [LinearHandler, ConvHandler, GroupNormHandler, LayerNormHandler, EmbeddingHandler]
 
 
 def handler_for(module):
