@@ -14,6 +14,12 @@ Conventions:
     with weight [C_out, C_in/groups, kh, kw].
   * An example whose clip factor is 0 contributes exactly 0 to every clipped sum, even when its
     gradient (or activation) is NaN / inf: it is selected away with jnp.where.
+  * Inputs may be JAX or numpy arrays (or CPU torch tensors, via np.asarray). The computations
+    are wrapped in jax.jit (configuration arguments static, validated first in plain Python)
+    only so that test suites compile once per shape instead of once per primitive; jit changes
+    nothing in what is computed.
+    Argument checks on values (a negative clip norm, out-of-range token ids) are skipped when
+    the value is traced.
 
 General (any JAX model):
   per_example_grads, per_example_sq_norms, per_example_norms, clip_factors, clipped_sum,

@@ -15,12 +15,13 @@ cross-group terms) are available as the ``"direct"`` and ``"ghost"`` methods of
 from __future__ import annotations
 
 import numbers
-from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ._core import clipped_sum
+from ._core import clipped_sum, per_example_sq_norms
+from ._jit import jit
 from ._linear import HIGHEST, linear_weight_sq_norms_direct, linear_weight_sq_norms_ghost
 
 CONV_NORM_METHODS = ("autodiff", "direct", "ghost")
@@ -93,15 +94,15 @@ def _conv2d_spec(x_shape, weight_shape, stride, padding, dilation, groups):
 
 def _check_grad_out(G, x_shape, c_out, out):
     expected = (x_shape[0], c_out) + tuple(out)
-    if tuple(G.shape) != expected:
-        raise ValueError(f"output gradient G must have shape {expected}, got {tuple(G.shape)}")
+    if tuple(np.shape(G)) != expected:
+        raise ValueError(f"output gradient G must have shape {expected}, got {tuple(np.shape(G))}")
 
 
 # ----------------------------------------------------------------------------- conv2d
 # The computations are jitted, with the validated (hashable) configuration as static arguments:
 # one XLA compile per shape instead of one per primitive in eager mode, which keeps the test
 # suites that call the oracle fast. jit does not change what is computed.
-@partial(jax.jit, static_argnames=("stride", "pads", "dilation", "groups"))
+@jit(static_argnames=("stride", "pads", "dilation", "groups"))
 def _conv(x, w, stride, pads, dilation, groups):
     return jax.lax.conv_general_dilated(
         x,
@@ -115,21 +116,19 @@ def _conv(x, w, stride, pads, dilation, groups):
     )
 
 
-@partial(jax.jit, static_argnames=("kernel", "stride", "pads", "dilation", "out"))
+@jit(static_argnames=("kernel", "stride", "pads", "dilation", "out"))
 def _unfold(x, kernel, stride, pads, dilation, out):
     (kh, kw), (sh, sw), (dh, dw), (h_out, w_out) = kernel, stride, dilation, out
     batch, channels = x.shape[:2]
     xp = jnp.pad(x, ((0, 0), (0, 0), pads[0], pads[1]))
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            h0, w0 = i * dh, j * dw
-            taps.append(xp[:, :, h0 : h0 + sh * (h_out - 1) + 1 : sh, w0 : w0 + sw * (w_out - 1) + 1 : sw])
-    patches = jnp.stack(taps, axis=2)  # [B, C_in, kh*kw, H_out, W_out]
-    return patches.reshape(batch, channels * kh * kw, h_out * w_out).transpose(0, 2, 1)
+    # output position (h, w) with kernel tap (i, j) reads padded input (h*sh + i*dh, w*sw + j*dw)
+    rows = np.arange(h_out)[:, None] * sh + np.arange(kh)[None, :] * dh  # [H_out, kh]
+    cols = np.arange(w_out)[:, None] * sw + np.arange(kw)[None, :] * dw  # [W_out, kw]
+    patches = xp[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # [B, C_in, H_out, W_out, kh, kw]
+    return patches.transpose(0, 2, 3, 1, 4, 5).reshape(batch, h_out * w_out, channels * kh * kw)
 
 
-@partial(jax.jit, static_argnames=("weight_shape", "stride", "pads", "dilation", "groups"))
+@jit(static_argnames=("weight_shape", "stride", "pads", "dilation", "groups"))
 def _per_example_weight_grads(x, G, weight_shape, stride, pads, dilation, groups):
     w0 = jnp.zeros(weight_shape, jnp.result_type(x, G))
 
@@ -139,7 +138,7 @@ def _per_example_weight_grads(x, G, weight_shape, stride, pads, dilation, groups
     return jax.vmap(one)(x, G)
 
 
-@partial(jax.jit, static_argnames=("weight_shape", "stride", "pads", "dilation", "groups", "out", "method"))
+@jit(static_argnames=("weight_shape", "stride", "pads", "dilation", "groups", "out", "method"))
 def _unfold_sq_norms(x, G, weight_shape, stride, pads, dilation, groups, out, method):
     c_out, c_in_g, kh, kw = weight_shape
     U = _unfold(x, (kh, kw), stride, pads, dilation, out)  # [B, T, C_in*kh*kw]
@@ -157,18 +156,17 @@ def conv2d_unfold(x, kernel_size, stride=1, padding=0, dilation=1):
 
     Equal to torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2):
     column index c * kh * kw + i * kw + j (channel-major, then kernel row, then kernel column),
-    row index h_out * W_out + w_out. Built from plain strided slices of the zero-padded input.
+    row index h_out * W_out + w_out. One gather from the zero-padded input at the window indices.
     """
-    x = jnp.asarray(x)
+    x_shape = np.shape(x)
     kernel = _ints(kernel_size, 2, "kernel_size")
-    kernel, stride, pads, dilation, out = _conv2d_spec(x.shape, (1, x.shape[1], *kernel), stride, padding, dilation, 1)
+    kernel, stride, pads, dilation, out = _conv2d_spec(x_shape, (1, x_shape[1], *kernel), stride, padding, dilation, 1)
     return _unfold(x, kernel, stride, pads, dilation, out)
 
 
 def conv2d_forward(x, weight, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups) in JAX."""
-    x, weight = jnp.asarray(x), jnp.asarray(weight)
-    _, stride, pads, dilation, _ = _conv2d_spec(x.shape, weight.shape, stride, padding, dilation, groups)
+    _, stride, pads, dilation, _ = _conv2d_spec(np.shape(x), np.shape(weight), stride, padding, dilation, groups)
     return _conv(x, weight, stride, pads, dilation, groups)
 
 
@@ -179,13 +177,13 @@ def conv2d_per_example_weight_grads(x, G, weight_shape, stride=1, padding=0, dil
     vector-Jacobian product of one example's conv with its output gradient G_i
     [C_out, H_out, W_out]. The conv is linear in w, so the point w = 0 is as good as any.
     """
-    x, G = jnp.asarray(x), jnp.asarray(G)
     weight_shape = tuple(int(v) for v in weight_shape)
-    _, stride, pads, dilation, out = _conv2d_spec(x.shape, weight_shape, stride, padding, dilation, groups)
-    _check_grad_out(G, x.shape, weight_shape[0], out)
+    _, stride, pads, dilation, out = _conv2d_spec(np.shape(x), weight_shape, stride, padding, dilation, groups)
+    _check_grad_out(G, np.shape(x), weight_shape[0], out)
     return _per_example_weight_grads(x, G, weight_shape, stride, pads, dilation, groups)
 
 
+@jit
 def conv2d_per_example_bias_grads(G):
     """Per-example bias gradients: G summed over its spatial axes, [B, C_out] (any conv rank)."""
     G = jnp.asarray(G)
@@ -206,14 +204,14 @@ def conv2d_weight_sq_norms(x, G, weight_shape, stride=1, padding=0, dilation=1, 
         raise ValueError(f"method must be one of {CONV_NORM_METHODS}, got {method!r}")
     if method == "autodiff":
         W = conv2d_per_example_weight_grads(x, G, weight_shape, stride, padding, dilation, groups)
-        return jnp.sum(jnp.square(W), axis=(1, 2, 3, 4))
-    x, G = jnp.asarray(x), jnp.asarray(G)
+        return per_example_sq_norms(W)
     weight_shape = tuple(int(v) for v in weight_shape)
-    _, stride, pads, dilation, out = _conv2d_spec(x.shape, weight_shape, stride, padding, dilation, groups)
-    _check_grad_out(G, x.shape, weight_shape[0], out)
+    _, stride, pads, dilation, out = _conv2d_spec(np.shape(x), weight_shape, stride, padding, dilation, groups)
+    _check_grad_out(G, np.shape(x), weight_shape[0], out)
     return _unfold_sq_norms(x, G, weight_shape, stride, pads, dilation, groups, out, method)
 
 
+@jit
 def conv2d_bias_sq_norms(G):
     """||sum over positions of G_i||^2: [B] (any conv rank)."""
     return jnp.sum(jnp.square(conv2d_per_example_bias_grads(G)), axis=1)
@@ -224,6 +222,7 @@ def conv2d_clipped_weight_grad(x, G, c, weight_shape, stride=1, padding=0, dilat
     return clipped_sum(conv2d_per_example_weight_grads(x, G, weight_shape, stride, padding, dilation, groups), c)
 
 
+@jit
 def conv2d_clipped_bias_grad(G, c):
     """sum_i c_i db_i: [C_out]. An example with c_i = 0 adds exactly 0."""
     return clipped_sum(conv2d_per_example_bias_grads(G), c)
@@ -241,15 +240,14 @@ def _as_2d(stride, padding, dilation):
     else:
         padding = tuple(padding)
         if len(padding) != 1:
-            raise ValueError(f"conv1d padding must be an int, one int / (low, high) pair, 'same' or 'valid', got {padding!r}")
+            raise ValueError(f"conv1d padding must be an int, one (low, high) pair, 'same' or 'valid', got {padding!r}")
         padding2 = ((0, 0), padding[0])
     return stride2, padding2, dilation2
 
 
 def _x2d(x, name="x"):
-    x = jnp.asarray(x)
-    if x.ndim != 3:
-        raise ValueError(f"{name} must have shape [B, C, L], got {x.shape}")
+    if np.ndim(x) != 3:
+        raise ValueError(f"{name} must have shape [B, C, L], got {np.shape(x)}")
     return x[:, :, None, :]
 
 
@@ -268,8 +266,7 @@ def conv1d_unfold(x, kernel_size, stride=1, padding=0, dilation=1):
 
 def conv1d_forward(x, weight, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv1d(x, weight, None, stride, padding, dilation, groups) in JAX."""
-    weight = jnp.asarray(weight)
-    y = conv2d_forward(_x2d(x), weight.reshape(_w2d(weight.shape)), *_as_2d(stride, padding, dilation), groups)
+    y = conv2d_forward(_x2d(x), weight.reshape(_w2d(np.shape(weight))), *_as_2d(stride, padding, dilation), groups)
     return y[:, :, 0, :]
 
 

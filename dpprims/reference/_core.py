@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jit import jit
+
+
 CLIPPINGS = ("flat", "automatic")
 """The clipping rules `clip_factors` knows."""
 
@@ -24,6 +27,7 @@ def _static_scalar(value, name: str) -> float | None:
     return float(arr.reshape(()))
 
 
+@jit(static_argnums=0)
 def per_example_grads(loss_fn, params, batch):
     """Per-example gradients of `loss_fn` by `jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))`.
 
@@ -36,6 +40,9 @@ def per_example_grads(loss_fn, params, batch):
     Returns:
       A pytree shaped like `params` whose leaves have a leading axis B: leaf[i] is
       d loss_fn(params, example_i) / d params. B = 0 gives leaves of shape [0, ...].
+
+    The result is jitted with `loss_fn` static (cached per loss_fn object), so loss_fn must be
+    traceable, as it must be for vmap anyway.
     """
     return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
 
@@ -49,6 +56,7 @@ def _batch_size(leaves) -> int:
     return sizes.pop()
 
 
+@jit
 def per_example_sq_norms(grads):
     """Squared L2 norm of each example's gradient, summed over all leaves: [B].
 
@@ -65,6 +73,7 @@ def per_example_sq_norms(grads):
     return total
 
 
+@jit
 def per_example_norms(grads):
     """L2 norm of each example's gradient over all leaves of `grads`: [B] (see `per_example_sq_norms`)."""
     return jnp.sqrt(per_example_sq_norms(grads))
@@ -97,36 +106,38 @@ def clip_factors(norms, max_grad_norm, clipping: str = "flat", gamma: float = 0.
     """
     if clipping not in CLIPPINGS:
         raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
-    norms = jnp.asarray(norms)
-    if norms.ndim != 1:
-        raise ValueError(f"norms must have shape [B], got {norms.shape}")
-    dtype = norms.dtype if jnp.issubdtype(norms.dtype, jnp.floating) else jnp.result_type(float)
-    norms = norms.astype(dtype)
-
+    if np.ndim(norms) != 1:
+        raise ValueError(f"norms must have shape [B], got {np.shape(norms)}")
     c_value = _static_scalar(max_grad_norm, "max_grad_norm")
     if c_value is not None and (math.isnan(c_value) or c_value < 0):
         raise ValueError(f"max_grad_norm must be >= 0 (inf allowed for flat clipping), got {c_value}")
-    clip = jnp.asarray(max_grad_norm, dtype)
-
-    if clipping == "flat":
-        factors = jnp.minimum(1, clip / (norms + FLAT_EPS))
-    else:
+    if clipping == "automatic":
         if c_value is not None and math.isinf(c_value):
             raise ValueError("automatic clipping needs a finite max_grad_norm: C = inf gives infinite factors")
         g_value = _static_scalar(gamma, "gamma")
         if g_value is not None and not (math.isfinite(g_value) and g_value > 0):
             raise ValueError(f"automatic clipping needs a finite gamma > 0, got {g_value}")
-        factors = clip / (norms + jnp.asarray(gamma, dtype))
+    if mask is not None and np.shape(mask) != np.shape(norms):
+        raise ValueError(f"mask must have the shape of norms {np.shape(norms)}, got {np.shape(mask)}")
+    return _clip_factors(norms, max_grad_norm, gamma, mask, clipping)
 
+
+@jit(static_argnames="clipping")
+def _clip_factors(norms, clip, gamma, mask, clipping):
+    norms = jnp.asarray(norms)
+    dtype = norms.dtype if jnp.issubdtype(norms.dtype, jnp.floating) else jnp.result_type(float)
+    norms, clip, gamma = norms.astype(dtype), jnp.asarray(clip, dtype), jnp.asarray(gamma, dtype)
+    if clipping == "flat":
+        factors = jnp.minimum(1, clip / (norms + FLAT_EPS))
+    else:
+        factors = clip / (norms + gamma)
     keep = jnp.isfinite(norms)
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.shape != norms.shape:
-            raise ValueError(f"mask must have the shape of norms {norms.shape}, got {mask.shape}")
         keep = keep & (mask != 0)
     return jnp.where(keep, factors, 0).astype(dtype)
 
 
+@jit
 def clipped_sum(grads, factors):
     """sum_i c_i g_i over the batch axis, leaf by leaf.
 

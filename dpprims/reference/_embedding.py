@@ -6,43 +6,58 @@ semantics: the padding row never receives a gradient); a negative padding_idx co
 """
 from __future__ import annotations
 
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._core import clipped_sum
+from ._jit import host_arrays, jit
 from ._linear import HIGHEST
 
 
-def _inputs(ids, G, padding_idx, num_embeddings):
-    ids, G = jnp.asarray(ids), jnp.asarray(G)
-    if ids.ndim == 1 and G.ndim == 2:
+def _check(ids, G, padding_idx, num_embeddings):
+    """Validate; returns (ids [B, T], G [B, T, p], padding_idx as a non-negative int or None)."""
+    ids, G = host_arrays((ids, G))
+    if np.ndim(ids) == 1 and np.ndim(G) == 2:
         ids, G = ids[:, None], G[:, None, :]
-    if ids.ndim != 2 or G.ndim != 3 or G.shape[:2] != ids.shape:
-        raise ValueError(f"ids must be [B, T] and G [B, T, p], got {ids.shape} and {G.shape}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"ids must be integers, got {ids.dtype}")
-    if num_embeddings is not None and not isinstance(ids, jax.core.Tracer) and ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
+    if np.ndim(ids) != 2 or np.ndim(G) != 3 or np.shape(G)[:2] != np.shape(ids):
+        raise ValueError(f"ids must be [B, T] and G [B, T, p], got {np.shape(ids)} and {np.shape(G)}")
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"ids must be integers, got {jnp.result_type(ids)}")
+    if num_embeddings is not None and not isinstance(ids, jax.core.Tracer) and np.size(ids):
+        host = np.asarray(ids)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= num_embeddings:
             raise ValueError(f"token ids must lie in [0, {num_embeddings}), got [{lo}, {hi}]")
-    if padding_idx is None:
-        keep = jnp.ones(ids.shape, bool)
-    else:
+    if padding_idx is not None:
+        padding_idx = int(padding_idx)
         if padding_idx < 0:
             if num_embeddings is None:
                 raise ValueError("a negative padding_idx needs num_embeddings")
             padding_idx += num_embeddings
         if num_embeddings is not None and not 0 <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx out of range for num_embeddings={num_embeddings}")
-        keep = ids != padding_idx
-    return ids, jnp.where(keep[..., None], G, 0), keep
+    return ids, G, padding_idx
+
+
+def _masked(ids, G, padding_idx):
+    """(G with padding positions zeroed, keep mask [B, T])."""
+    keep = jnp.ones(ids.shape, bool) if padding_idx is None else ids != padding_idx
+    return jnp.where(keep[..., None], G, 0), keep
 
 
 def embedding_per_example_grads(ids, G, num_embeddings, padding_idx=None):
     """Per-example weight gradients [B, V, p]: row v of example i is sum_{t: id_t = v} G_i[t]."""
-    ids, G, _ = _inputs(ids, G, padding_idx, num_embeddings)
+    ids, G, padding_idx = _check(ids, G, padding_idx, num_embeddings)
+    return _per_example_grads(ids, G, int(num_embeddings), padding_idx)
+
+
+@jit(static_argnames=("num_embeddings", "padding_idx"))
+def _per_example_grads(ids, G, num_embeddings, padding_idx):
+    G, _ = _masked(ids, G, padding_idx)
     zeros = jnp.zeros((num_embeddings, G.shape[-1]), G.dtype)
-    return jax.vmap(lambda ids_i, g_i: zeros.at[ids_i].add(g_i))(ids, G)
+    return jax.vmap(lambda ids_i, g_i: zeros.at[ids_i].add(g_i))(ids, G)  # scatter-add
 
 
 def embedding_sq_norms(ids, G, padding_idx=None, num_embeddings=None):
@@ -51,7 +66,13 @@ def embedding_sq_norms(ids, G, padding_idx=None, num_embeddings=None):
     Never builds the [B, V, p] gradients; the [B, T, T] Grams are materialised. num_embeddings
     is only needed for a negative padding_idx (and, when given, ids are range-checked).
     """
-    ids, G, keep = _inputs(ids, G, padding_idx, num_embeddings)
+    ids, G, padding_idx = _check(ids, G, padding_idx, num_embeddings)
+    return _sq_norms(ids, G, padding_idx)
+
+
+@jit(static_argnames="padding_idx")
+def _sq_norms(ids, G, padding_idx):
+    G, keep = _masked(ids, G, padding_idx)
     same = (ids[:, :, None] == ids[:, None, :]) & keep[:, :, None] & keep[:, None, :]
     gram = jnp.einsum("bsp,btp->bst", G, G, precision=HIGHEST)
     return jnp.sum(jnp.where(same, gram, 0), axis=(1, 2))

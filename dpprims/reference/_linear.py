@@ -2,6 +2,7 @@
 
 Shapes: A [B, T, d] (or [B, d], meaning T = 1; more axes [B, ..., d] are all positions),
 G = dL_i/dY_i [B, T, p] likewise. The weight uses torch's nn.Linear layout [out = p, in = d].
+Each function is jitted (shapes only; no behaviour change).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ._core import clipped_sum
+from ._jit import jit
 
 HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes in the oracle's matmuls
 
@@ -30,24 +32,28 @@ def _pair(A, G):
     return A3, G3
 
 
+@jit
 def linear_per_example_weight_grads(A, G):
     """Per-example weight gradients G_i^T A_i: [B, p, d] (materialised)."""
     A3, G3 = _pair(A, G)
     return jnp.einsum("btp,btd->bpd", G3, A3, precision=HIGHEST)
 
 
+@jit
 def linear_per_example_bias_grads(G):
     """Per-example bias gradients sum_t G_i[t]: [B, p]."""
     G3 = _positions(G, "G")
     return jnp.sum(G3, axis=1)
 
 
+@jit
 def linear_weight_sq_norms_direct(A, G):
     """||G_i^T A_i||_F^2 by materialising the [B, p, d] per-example gradients: [B]."""
     W = linear_per_example_weight_grads(A, G)
     return jnp.sum(jnp.square(W), axis=(1, 2))
 
 
+@jit
 def linear_weight_sq_norms_ghost(A, G):
     """||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>_F by materialising both [T, T] Grams: [B]."""
     A3, G3 = _pair(A, G)
@@ -56,16 +62,19 @@ def linear_weight_sq_norms_ghost(A, G):
     return jnp.sum(gram_a * gram_g, axis=(1, 2))
 
 
+@jit
 def linear_bias_sq_norms(G):
     """||sum_t G_i[t]||^2: [B]."""
     return jnp.sum(jnp.square(linear_per_example_bias_grads(G)), axis=1)
 
 
+@jit
 def linear_clipped_weight_grad(A, G, c):
     """sum_i c_i G_i^T A_i: [p, d]. An example with c_i = 0 adds exactly 0 (even if non-finite)."""
     return clipped_sum(linear_per_example_weight_grads(A, G), c)
 
 
+@jit
 def linear_clipped_bias_grad(G, c):
     """sum_i c_i sum_t G_i[t]: [p]. An example with c_i = 0 adds exactly 0 (even if non-finite)."""
     return clipped_sum(linear_per_example_bias_grads(G), c)

@@ -7,12 +7,16 @@ dbias_i = sum G_i (DESIGN.md section 1).
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax.numpy as jnp
+import numpy as np
 
-from ._core import clipped_sum
+from ._core import clipped_sum, per_example_sq_norms
+from ._jit import jit
 
 
+@jit(static_argnames="num_groups")
 def groupnorm_xhat(x, num_groups: int, eps: float = 1e-5):
     """x_hat of torch.nn.GroupNorm: x [B, C, *spatial], statistics per (example, group) over the
     group's C/num_groups channels and all spatial positions, biased variance, (x - mean) / sqrt(var + eps)."""
@@ -29,8 +33,14 @@ def groupnorm_xhat(x, num_groups: int, eps: float = 1e-5):
 def layernorm_xhat(x, normalized_shape, eps: float = 1e-5):
     """x_hat of torch.nn.LayerNorm(normalized_shape): statistics per example and leading position
     over the trailing len(normalized_shape) axes, biased variance, (x - mean) / sqrt(var + eps)."""
-    x = jnp.asarray(x)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(int(n) for n in normalized_shape)
+    return _layernorm_xhat(x, shape, eps)
+
+
+@jit(static_argnames="shape")
+def _layernorm_xhat(x, shape, eps):
     if not shape or x.shape[x.ndim - len(shape) :] != shape:
         raise ValueError(f"x {x.shape} does not end with normalized_shape {shape}")
     axes = tuple(range(x.ndim - len(shape), x.ndim))
@@ -55,10 +65,13 @@ def norm_affine_per_example_grads(x_hat, G, channel_axis):
     LayerNorm over normalized_shape: the trailing axes, e.g. x [B, T, D] with normalized_shape
     (D,): channel_axis=-1 -> [B, D]; with (T, D): channel_axis=(1, 2) -> [B, T, D].
     """
-    x_hat, G = jnp.asarray(x_hat), jnp.asarray(G)
-    if x_hat.shape != G.shape:
-        raise ValueError(f"x_hat {x_hat.shape} and G {G.shape} must have the same shape")
-    keep = _channel_axes(channel_axis, G.ndim)
+    if np.shape(x_hat) != np.shape(G):
+        raise ValueError(f"x_hat {np.shape(x_hat)} and G {np.shape(G)} must have the same shape")
+    return _affine_grads(x_hat, G, _channel_axes(channel_axis, np.ndim(G)))
+
+
+@jit(static_argnames="keep")
+def _affine_grads(x_hat, G, keep):
     summed = tuple(a for a in range(1, G.ndim) if a not in keep)
     return jnp.sum(x_hat * G, axis=summed), jnp.sum(G, axis=summed)
 
@@ -66,8 +79,7 @@ def norm_affine_per_example_grads(x_hat, G, channel_axis):
 def norm_affine_sq_norms(x_hat, G, channel_axis):
     """(||dweight_i||^2, ||dbias_i||^2), each [B]."""
     dw, db = norm_affine_per_example_grads(x_hat, G, channel_axis)
-    flat = lambda t: jnp.sum(jnp.square(t), axis=tuple(range(1, t.ndim)))
-    return flat(dw), flat(db)
+    return per_example_sq_norms(dw), per_example_sq_norms(db)
 
 
 def norm_affine_clipped_grads(x_hat, G, c, channel_axis):
