@@ -357,7 +357,10 @@ def test_plan_reports_layers():
     assert plan["inp"]["T"] == 20 and plan["inp"]["d"] == 13 and plan["inp"]["p"] == 19
     assert plan["inp"]["method"] in ("ghost", "direct")
     text = engine.format_plan()
-    assert "mid" in text and "direct" in text
+    assert "mid" in text and "direct" in text and "norm MB" in text
+    total = text.splitlines()[-1].split()
+    assert total[0] == "total"
+    assert float(total[1]) == pytest.approx(sum(r["norm_flops"] for r in engine.plan()) / 1e9, abs=1e-3)
 
 
 def test_detach_restores_the_model():

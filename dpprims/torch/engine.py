@@ -223,16 +223,27 @@ class DPEngine:
         return [h.plan() or dict(layer=h.name, kind=h.kind) for h in self.handlers]
 
     def format_plan(self) -> str:
+        """The plan as a table: per layer T, d, p, method, and the norm pass against the
+        weight-gradient GEMM it sits beside, in GFLOP and MB, with the totals."""
         rows = self.plan()
-        head = f"{'layer':<28}{'kind':<10}{'T':>7}{'d':>7}{'p':>7}  {'method':<8}{'norm GF':>10}{'wgrad GF':>10}{'ratio':>8}"
+        head = (f"{'layer':<24}{'kind':<10}{'T':>6}{'d':>7}{'p':>6}  {'method':<12}"
+                f"{'norm GF':>9}{'wgrad GF':>9}{'norm MB':>9}{'wgrad MB':>9}{'GF ratio':>9}")
         lines = [head]
+        tot = dict(norm_flops=0, weight_grad_flops=0, norm_bytes=0, weight_grad_bytes=0)
         for r in rows:
             if "method" not in r:
-                lines.append(f"{r['layer']:<28}{r['kind']:<10}  (not run yet)")
+                lines.append(f"{r['layer']:<24}{r['kind']:<10}  (not run yet)")
                 continue
-            ratio = r["norm_flops"] / max(1, r["weight_grad_flops"])
-            lines.append(f"{r['layer']:<28}{r['kind']:<10}{r['T']:>7}{r['d']:>7}{r['p']:>7}  {r['method']:<8}"
-                         f"{r['norm_flops'] / 1e9:>10.3f}{r['weight_grad_flops'] / 1e9:>10.3f}{ratio:>8.3f}")
+            for k in tot:
+                tot[k] += r.get(k, 0)
+            lines.append(f"{r['layer']:<24}{r['kind']:<10}{r['T']:>6}{r['d']:>7}{r['p']:>6}  {r['method']:<12}"
+                         f"{r['norm_flops'] / 1e9:>9.3f}{r['weight_grad_flops'] / 1e9:>9.3f}"
+                         f"{r.get('norm_bytes', 0) / 1e6:>9.2f}{r.get('weight_grad_bytes', 0) / 1e6:>9.2f}"
+                         f"{r['norm_flops'] / max(1, r['weight_grad_flops']):>9.3f}")
+        lines.append(f"{'total':<24}{'':<10}{'':>6}{'':>7}{'':>6}  {'':<12}"
+                     f"{tot['norm_flops'] / 1e9:>9.3f}{tot['weight_grad_flops'] / 1e9:>9.3f}"
+                     f"{tot['norm_bytes'] / 1e6:>9.2f}{tot['weight_grad_bytes'] / 1e6:>9.2f}"
+                     f"{tot['norm_flops'] / max(1, tot['weight_grad_flops']):>9.3f}")
         return "\n".join(lines)
 
     def detach(self) -> torch.nn.Module:
