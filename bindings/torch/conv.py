@@ -205,42 +205,47 @@ def unfold(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
     return F.unfold(xp, (geo.KH, geo.KW), dilation=(geo.DH, geo.DW), stride=(geo.SH, geo.SW))
 
 
-def _chunks(geo: Conv2dGeometry, extra: int):
-    """Batch chunks holding at most ~2^24 fp32 values (~64 MiB) of U, G and ``extra`` per example."""
-    per_example = geo.T * (geo.C_in * geo.KH * geo.KW + geo.C_out) + extra
-    step = max(1, (1 << 24) // max(1, per_example))
-    return range(0, geo.B, step), step
+def _padded(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
+    """x with the conv's low padding and the high padding (or crop) that yields exactly
+    H_out x W_out, so the plain-torch path can call a padding-0 convolution."""
+    hi_h = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1 - geo.H - geo.PH
+    hi_w = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1 - geo.W - geo.PW
+    return F.pad(x4.float(), (geo.PW, hi_w, geo.PH, hi_h))
+
+
+def _weight_grad(xp: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeometry, groups: int, c_out: int) -> torch.Tensor:
+    """The framework's own conv weight gradient (padding already applied to xp)."""
+    w_shape = (c_out, xp.shape[1] // groups, geo.KH, geo.KW)
+    return torch.ops.aten.convolution_backward(
+        G4, xp, xp.new_empty(w_shape), None, [geo.SH, geo.SW], [0, 0], [geo.DH, geo.DW], False, [0, 0],
+        groups, [False, True, False])[1]
 
 
 def _torch_weight_sq_norms(x4, G4, geo: Conv2dGeometry, method: str) -> torch.Tensor:
-    rng, step = _chunks(geo, geo.groups * (geo.D * geo.P if method == "direct" else 2 * geo.T * geo.T))
+    """Per-example squared norms through per-example weight gradients, materialised a chunk of
+    examples at a time with the batch-as-groups trick (one grouped convolution backward over
+    [1, b*C_in, H, W]; at most ~2^24 values of per-example gradients per chunk). ``method``
+    does not change the result, only how the Triton kernels get there."""
+    D, P = geo.D, geo.P
+    step = max(1, (1 << 24) // max(1, geo.C_out * D))
     out = []
-    for s in rng:
-        U = unfold(x4[s:s + step], geo)
-        b = U.shape[0]
-        U = U.view(b, geo.groups, geo.D, geo.T)
-        Gg = G4[s:s + step].float().reshape(b, geo.groups, geo.P, geo.T)
-        if method == "direct":
-            out.append(torch.einsum("bgpt,bgdt->bgpd", Gg, U).square().sum(dim=(1, 2, 3)))
-        else:
-            uu = torch.einsum("bgds,bgdt->bgst", U, U)
-            gg = torch.einsum("bgps,bgpt->bgst", Gg, Gg)
-            out.append((uu * gg).sum(dim=(1, 2, 3)))
+    for s in range(0, geo.B, step):
+        xp = _padded(x4[s:s + step], geo)
+        b = xp.shape[0]
+        g = G4[s:s + step].float()
+        per = _weight_grad(xp.reshape(1, b * geo.C_in, *xp.shape[2:]), g.reshape(1, b * geo.C_out, *g.shape[2:]),
+                           geo, b * geo.groups, b * geo.C_out)
+        out.append(per.reshape(b, -1).square().sum(1))
     return torch.cat(out)
 
 
 def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
-    rng, step = _chunks(geo, 0)
-    total = x4.new_zeros(geo.groups, geo.P, geo.D, dtype=torch.float32)
-    for s in rng:
-        U = unfold(x4[s:s + step], geo)
-        b = U.shape[0]
-        cs = c[s:s + step]
-        keep = (cs != 0).view(b, 1, 1)
-        U = torch.where(keep, U, 0.0).view(b, geo.groups, geo.D, geo.T)
-        Gg = torch.where(keep, G4[s:s + step].float().reshape(b, geo.C_out, geo.T) * cs.view(b, 1, 1), 0.0)
-        total += torch.einsum("bgpt,bgdt->gpd", Gg.view(b, geo.groups, geo.P, geo.T), U)
-    return total.reshape(geo.C_out, geo.D)
+    """sum_i c_i G_i^T U_i as ONE ordinary conv weight gradient of (c * G) and x (Book-Keeping);
+    examples with c_i == 0 are masked in both operands, so their non-finite values cannot leak."""
+    keep = (c != 0).view(-1, 1, 1, 1)
+    xp = torch.where(keep, _padded(x4, geo), 0.0)
+    g = torch.where(keep, G4.float() * c.view(-1, 1, 1, 1), 0.0)
+    return _weight_grad(xp, g, geo, geo.groups, geo.C_out).reshape(geo.C_out, geo.D)
 
 
 __all__ = [
