@@ -260,10 +260,10 @@ def _conv2d_clipped_weight_grad_kernel(
         keep = in_rows & (c != 0.0)
         go, gm = _gout_offsets(t, offs_p, T, P, W_out, stride_gc, stride_gh, stride_gw)
         g = tl.load(g_grp + (i * stride_gb)[:, None] + go, mask=gm & keep[:, None], other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = (g.to(tl.float32) * c[:, None]).to(g.dtype)
+        g = g.to(tl.float32) * c[:, None]  # fp32: rounding c*G to half could push a contribution past C
         uo, um = _im2col_offsets(t, offs_d, T, D, H, W, W_out, SH, SW, PH, PW, DH, DW,
                                  stride_xc, stride_xh, stride_xw, KH, KW)
-        u = tl.load(x_grp + (i * stride_xb)[:, None] + uo, mask=um & keep[:, None], other=0.0)  # [BLOCK_K, BLOCK_D]
+        u = tl.load(x_grp + (i * stride_xb)[:, None] + uo, mask=um & keep[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
         acc = tl.dot(tl.trans(g), u, acc, input_precision=DOT_PRECISION)
 
     rows = grp * P + offs_p

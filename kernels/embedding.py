@@ -137,8 +137,8 @@ def _embedding_clipped_grad_kernel(
         keep = in_rows & (c != 0.0)
         g = tl.load(g_ptr + i[:, None] * stride_gb + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
                     mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = (g.to(tl.float32) * c[:, None]).to(g.dtype)
-        onehot = ((key[:, None] == offs_v[None, :]) & keep[:, None]).to(g.dtype)  # [BLOCK_K, BLOCK_V]
+        g = g.to(tl.float32) * c[:, None]  # fp32: rounding c*G to half could push a contribution past C
+        onehot = ((key[:, None] == offs_v[None, :]) & keep[:, None]).to(tl.float32)  # [BLOCK_K, BLOCK_V]
         acc = tl.dot(tl.trans(onehot), g, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + offs_v.to(tl.int64)[:, None] * P + offs_p[None, :]

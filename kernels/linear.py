@@ -23,9 +23,11 @@ norm, or a split-K slice of the weight gradient) and the binding sums the partia
 order (two-stage reduction, Triton tutorial 05). No atomics anywhere.
 
 Precision: operands are loaded in their own dtype (fp32, fp16, bf16) and every dot accumulates
-in fp32. ``DOT_PRECISION`` is a constexpr string passed to ``tl.dot`` for fp32 operands
-("ieee" by default: the norm decides the clip factor, and a TF32 norm can be ~1e-3 too small,
-letting a contribution exceed C; "tf32x3"/"tf32" are opt-in). Half-precision operands ignore it.
+in fp32. The norm kernels multiply half-precision operands exactly (products of halves are
+exact in fp32). ``DOT_PRECISION`` is the ``tl.dot`` precision for fp32 operands: "ieee"
+(default) or "tf32x3" (near-fp32 accuracy on tensor cores). Plain "tf32" is not offered: a norm
+~2^-11 too small, or a clipped sum rounded to TF32, lets a contribution exceed C. The clipped
+weight gradient always runs on fp32 operands (see its kernel's docstring).
 
 Non-finite inputs: rows of an example whose factor c_i is 0 are *masked* in the clipped
 gradient (not multiplied by 0), so an example with an inf/NaN activation or gradient
@@ -187,9 +189,13 @@ def _linear_clipped_weight_grad_kernel(
     """out[s, P-tile, D-tile] = sum over rows r = (i, t) of split s of c_i G_i[t]^T A_i[t].
 
     The reduction dimension is the B*T rows; row r belongs to example i = r // T. The factor
-    c_i is applied while G is loaded (the scaled tile is cast back to the operand dtype, one
-    rounding as in any half-precision GEMM), and rows with c_i == 0 are masked in both
-    operands so that non-finite values of a dropped example cannot leak in as NaN = 0 * inf.
+    c_i is applied in fp32 while G is loaded and the product stays fp32: rounding c_i * G back
+    to fp16/bf16 (or to TF32 inside the dot) would perturb example i's contribution by ~2^-11
+    relative to sum_t |g_t||a_t|, which the norm pass never sees, and a contribution could then
+    exceed C (by up to ~2x where positions cancel). So the dot runs on fp32 operands
+    (DOT_PRECISION "ieee" or "tf32x3"), whatever the input dtype. Rows with c_i == 0 are
+    masked in both operands so that non-finite values of a dropped example cannot leak in as
+    NaN = 0 * inf.
     """
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -211,9 +217,9 @@ def _linear_clipped_weight_grad_kernel(
         keep = in_rows & (c != 0.0)
         g = tl.load(g_ptr + i[:, None] * stride_gb + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
                     mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = (g.to(tl.float32) * c[:, None]).to(g.dtype)
+        g = g.to(tl.float32) * c[:, None]  # scaled in fp32 and kept there (see docstring)
         a = tl.load(a_ptr + i[:, None] * stride_ab + t[:, None] * stride_at + offs_d[None, :] * stride_ad,
-                    mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+                    mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
         acc = tl.dot(tl.trans(g), a, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]

@@ -28,7 +28,7 @@ from dpprims.kernels import conv as _k
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._backend import empty, record
-from .linear import _check_factors, _dot_precision, _launch
+from .linear import _check_factors, _dot_precision, _launch, _sum_precision, interpreter_safe
 
 _METHODS = ("direct", "ghost")
 
@@ -96,6 +96,7 @@ def conv2d_weight_sq_norms(x: torch.Tensor, G: torch.Tensor, kernel_size: list[i
     backend = record(f"conv2d_weight_sq_norms[{method}]", x)
     if backend == "torch":
         return _torch_weight_sq_norms(x4, G4, geo, method)
+    x4, G4 = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
     if method == "direct":
         spec, kernel = _k.conv2d_norm_direct_spec(geo), _k._conv2d_norm_direct_kernel
     else:
@@ -123,7 +124,7 @@ def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor
     Rows of examples with c_i == 0 are masked, not multiplied; B = 0 gives zeros."""
     geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
     _check_factors(c, geo.B, x)
-    prec = _dot_precision(x, precision)
+    prec = _sum_precision(precision)
     wshape = (geo.C_out, geo.C_in_g, *kernel_size)
     if geo.B == 0 or geo.T == 0:
         return x.new_zeros(wshape, dtype=torch.float32)

@@ -25,7 +25,7 @@ import torch
 from dpprims.kernels import embedding as _k
 
 from ._backend import empty, record
-from .linear import _check_factors, _dot_precision
+from .linear import _check_factors, _dot_precision, _sum_precision, interpreter_safe
 
 
 def _launch(kernel, spec, *args, **kw):
@@ -73,6 +73,7 @@ def embedding_sq_norms(ids: torch.Tensor, G: torch.Tensor, padding_idx: int | No
         g = torch.where(ok[..., None], G.float(), 0.0)
         same = (ids[:, :, None] == ids[:, None, :]) & ok[:, :, None] & ok[:, None, :]
         return torch.where(same, torch.bmm(g, g.transpose(1, 2)), 0.0).sum(dim=(1, 2))
+    G = interpreter_safe(G, backend)
     spec = _k.embedding_norm_ghost_spec(B, T, P)
     partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
     _launch(_k._embedding_norm_ghost_kernel, spec, ids, G, partials, T, P, pad,
@@ -106,7 +107,7 @@ def embedding_clipped_grad(ids: torch.Tensor, G: torch.Tensor, c: torch.Tensor, 
     if padding_idx is not None and padding_idx >= V:
         raise ValueError(f"padding_idx={padding_idx} out of range for num_embeddings={V}")
     _check_factors(c, B, G)
-    prec = _dot_precision(G, precision)
+    prec = _sum_precision(precision)
     if B == 0 or T == 0 or V == 0 or P == 0:
         return G.new_zeros(V, P, dtype=torch.float32)
     backend = record("embedding_clipped_grad", G)

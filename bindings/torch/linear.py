@@ -20,7 +20,7 @@ from dpprims.kernels import linear as _k
 
 from ._backend import empty, record
 
-_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_DOT_PRECISIONS = ("ieee", "tf32x3")
 
 
 def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -32,10 +32,26 @@ def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _dot_precision(x: torch.Tensor, precision: str) -> str:
+    """tl.dot precision of a NORM kernel: the user's choice for fp32 operands; half operands
+    multiply exactly in fp32 whatever the setting (Triton's default is passed)."""
+    if precision not in _DOT_PRECISIONS:
+        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS} (plain 'tf32' can let a "
+                         f"contribution exceed the clip norm), got {precision!r}")
+    return precision if x.dtype == torch.float32 else "tf32"
+
+
+def _sum_precision(precision: str) -> str:
+    """tl.dot precision of a CLIPPED-SUM kernel: its operands are always fp32 (c_i * G must not
+    be rounded to a half format), so the user's fp32 choice applies to every input dtype."""
     if precision not in _DOT_PRECISIONS:
         raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS}, got {precision!r}")
-    # Only fp32 operands use the setting; half operands always run on tensor cores.
-    return precision if x.dtype == torch.float32 else "tf32"
+    return precision
+
+
+def interpreter_safe(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """Triton's interpreter multiplies raw bf16 bit patterns in tl.dot (wrong results); under
+    the interpreter bf16 operands are upcast to fp32 first (exact). Compiled kernels keep bf16."""
+    return t.float() if backend == "triton-interpreter" and t.dtype == torch.bfloat16 else t
 
 
 def _check_pair(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +89,7 @@ def linear_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str, precis
     backend = record(f"linear_weight_sq_norms[{method}]", A)
     if backend == "torch":
         return _torch_weight_sq_norms(A, G, method)
+    A, G = interpreter_safe(A, backend), interpreter_safe(G, backend)
     if method == "outer":
         return rows_sq_norm(A[:, 0, :]) * rows_sq_norm(G[:, 0, :])
     if method == "direct":
@@ -156,7 +173,7 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
     B, T, D = A.shape
     P = G.shape[2]
     _check_factors(c, B, A)
-    prec = _dot_precision(A, precision)
+    prec = _sum_precision(precision)
     if B == 0 or T == 0:
         return A.new_zeros(P, D, dtype=torch.float32)
     backend = record("linear_clipped_weight_grad", A)

@@ -55,7 +55,9 @@ class DPEngine:
         norm_method: "auto" (per layer, cheapest by the flop model), "ghost", "direct", or a
             dict {module name: method} overriding single layers ("auto" for the rest).
         loss_reduction: "sum" or "mean" for scalar losses (see module docstring).
-        precision: tl.dot precision for fp32 operands: "ieee" (default), "tf32x3", "tf32".
+        precision: tl.dot precision for fp32 operands: "ieee" (default) or "tf32x3" (near-fp32
+            on tensor cores). Plain TF32 is refused: its rounding can push a clipped
+            contribution past max_grad_norm.
     """
 
     def __init__(self, model: torch.nn.Module, max_grad_norm: float, *, clipping: str = "flat",
@@ -75,8 +77,9 @@ class DPEngine:
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
-        if precision not in ("ieee", "tf32x3", "tf32"):
-            raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
+        if precision not in ("ieee", "tf32x3"):
+            raise ValueError(f"precision must be 'ieee' or 'tf32x3' (plain tf32 can let a clipped "
+                             f"contribution exceed max_grad_norm), got {precision!r}")
         self.precision = precision
         self.model = model
         self.handlers = self._build_handlers(model)
