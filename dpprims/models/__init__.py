@@ -1,4 +1,4 @@
-"""DP-compatible model zoo and model conversion (PyTorch).
+"""DP-compatible model zoo and model conversion (PyTorch and JAX).
 
 ``import dpprims.models`` does not import torch: the names below are resolved lazily, on first
 access, from the torch submodules.
@@ -9,6 +9,10 @@ access, from the torch submodules.
 * :mod:`.torch_small`: ``mlp``, ``small_cnn``, ``get_model(name, ...)``, ``MODEL_NAMES``.
 * :mod:`.convert`: ``convert_batchnorm_to_groupnorm(model, num_groups=32)``,
   ``choose_num_groups``, ``group_norm``.
+* :mod:`.jax_resnet` (JAX/Flax twins, NHWC): ``get_jax_model(name, ...)``; the constructors
+  stay under ``dpprims.models.jax_resnet`` because their names match the torch ones.
+* :mod:`.convert_jax`: ``torch_to_flax``, ``flax_to_torch``, ``load_flax_into_torch`` (one set
+  of weights for both frameworks).
 """
 from __future__ import annotations
 
@@ -34,8 +38,13 @@ _LAZY = {
     "convert_batchnorm_to_groupnorm": "convert",
     "choose_num_groups": "convert",
     "group_norm": "convert",
+    # JAX
+    "get_jax_model": "jax_resnet",
+    "torch_to_flax": "convert_jax",
+    "flax_to_torch": "convert_jax",
+    "load_flax_into_torch": "convert_jax",
 }
-_SUBMODULES = ("torch_resnet", "torch_small", "convert")
+_SUBMODULES = ("torch_resnet", "torch_small", "convert", "jax_resnet", "convert_jax")
 
 __all__ = sorted(_LAZY)
 

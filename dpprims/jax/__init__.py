@@ -1,0 +1,19 @@
+"""dpprims for JAX / Flax: DP layers and the per-example clipping engine (imports jax, flax).
+
+    import dpprims.jax as dpj
+    loss_fn = dpj.make_loss_fn(model, per_example_loss)
+    grads, norms = dpj.clipped_grad(loss_fn, params, batch, max_grad_norm=1.0, mask=mask)
+
+Layers (flax.linen, drop-in for their flax counterparts): Dense, Conv, GroupNorm, LayerNorm,
+Embed. Kernel paths (jax-triton on GPU, jnp on CPU, the Triton interpreter for CI) are chosen
+per op: ``which_path()``, ``use_path(...)``, ``LAST_PATH`` (see dpprims.bindings.jax).
+"""
+from dpprims.bindings.jax import LAST_PATH, use_path, which_path
+
+from .engine import LAST_PLAN, DPLoss, clipped_grad, make_loss_fn
+from .layers import ACTIVATIONS, PERTURBATIONS, Conv, Dense, DPLayer, Embed, GroupNorm, LayerNorm
+
+__all__ = [
+    "ACTIVATIONS", "PERTURBATIONS", "Conv", "Dense", "DPLayer", "DPLoss", "Embed", "GroupNorm", "LAST_PATH",
+    "LAST_PLAN", "LayerNorm", "clipped_grad", "make_loss_fn", "use_path", "which_path",
+]
