@@ -14,8 +14,10 @@ from .conv import conv_clipped_weight_grad, conv_padding, conv_weight_sq_norms
 from .embedding import embedding_clipped_grad, embedding_sq_norms
 from .linear import (linear_bias_sq_norms, linear_clipped_bias_grad, linear_clipped_weight_grad,
                      linear_weight_sq_norms, rows_sq_norm)
+from .noise import gaussian_noise
 from .norm import (clipped_rows_sum, norm_affine_clipped_grads, norm_affine_per_example_grads,
                    norm_affine_sq_norms)
+from .update import init_opt_state, make_hyper, noisy_update
 
 __all__ = [
     "ENV_VAR", "LAST_PATH", "PATHS", "KernelCall", "arrange", "launch", "use_path", "which_path",
@@ -25,4 +27,5 @@ __all__ = [
     "linear_bias_sq_norms", "linear_clipped_bias_grad", "linear_clipped_weight_grad",
     "linear_weight_sq_norms", "rows_sq_norm",
     "clipped_rows_sum", "norm_affine_clipped_grads", "norm_affine_per_example_grads", "norm_affine_sq_norms",
+    "gaussian_noise", "init_opt_state", "make_hyper", "noisy_update",
 ]
