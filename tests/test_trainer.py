@@ -168,6 +168,8 @@ def test_secure_mode_refuses_checkpoints(tmp_path):
         Trainer(_backend(data, plan), plan, data, seed=None, secure=True, progress=False, checkpoint_dir=tmp_path)
     t = Trainer(_backend(data, plan), plan, data, seed=None, secure=True, progress=False)
     t.step()
+    with pytest.raises(ValueError, match="OS entropy"):
+        Trainer(_backend(data, plan), plan, data, seed=3, secure=True, progress=False)
 
 
 def test_cli_end_to_end_torch(tmp_path, capsys):

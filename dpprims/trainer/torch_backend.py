@@ -6,6 +6,13 @@ dpprims' counter-based Philox generator keyed by (noise seed, step, parameter ra
 resumed run draws exactly the noise an uninterrupted run would; then SGD (momentum, Nesterov),
 Adam or AdamW with torch.optim's semantics. The noise tails are good to an extra delta below
 dpprims.noise.truncation_delta_bound (< 1e-12 for sigma >= 0.3).
+
+Data-parallel (``dist=`` a dpprims.distributed.TorchComm): rank 0's parameters are broadcast
+once at construction; the clipped sums accumulate in flat buckets behind ``.grad`` and are
+all-reduced (SUM) during the last physical batch of the step, overlapping the engine's clipped
+weight-gradient GEMMs (dpprims.distributed.GradBucketReducer); then every rank adds the SAME
+noise (noise stream 0, as a single process would), so the noise is drawn once for the logical
+batch, its variance is sigma^2 C^2 whatever the world size, and the replicas stay identical.
 """
 from __future__ import annotations
 
@@ -30,6 +37,10 @@ class TorchBackend:
         precision: "fp32" or "bf16" (autocast for forward/backward; the clipped sums, the noise
             and the parameters stay fp32).
         clipping: "flat" | "automatic".
+        rank: the noise stream (dpprims.noise); single-process only, leave it 0.
+        dist: a dpprims.distributed.TorchComm for data-parallel training (see module docstring);
+            with NCCL pass the communicator's device (``device=comm.device``).
+        bucket_cap_mb: size of the all-reduce buckets (data-parallel only).
     """
 
     framework = "torch"
@@ -37,7 +48,7 @@ class TorchBackend:
     def __init__(self, model: torch.nn.Module, plan: DPPlan, *, optimizer: str = "sgd", lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 0.0, device: str = "cpu",
                  precision: str = "fp32", clipping: str = "flat", norm_method="auto", betas=(0.9, 0.999),
-                 eps: float = 1e-8, rank: int = 0) -> None:
+                 eps: float = 1e-8, rank: int = 0, dist=None, bucket_cap_mb: float = 25.0) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.device = torch.device(device)
@@ -55,6 +66,17 @@ class TorchBackend:
         self.rank = int(rank)
         self.noise_seed = 0
         self._stats = {}
+        self.dist = dist
+        self.reducer = None
+        self._batches_left = None
+        if dist is not None:
+            from dpprims.distributed import GradBucketReducer, broadcast_module_
+
+            if self.rank != 0:
+                raise ValueError("with dist=, every rank adds the noise of stream 0 after the all-reduce (noise "
+                                 f"drawn once); rank= is the noise stream and must stay 0, got {rank}")
+            broadcast_module_(dist, self.model)
+            self.reducer = GradBucketReducer(dist, self.params, self.engine, bucket_cap_mb=bucket_cap_mb)
 
     def set_noise_seed(self, seed: int) -> None:
         self.noise_seed = int(seed)
@@ -62,8 +84,17 @@ class TorchBackend:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    def start_step(self, num_physical_batches: int) -> None:
+        """Announce the number of physical batches of this step (data-parallel: the all-reduce
+        is launched during the last one; without it, it runs in noisy_step)."""
+        self._batches_left = int(num_physical_batches)
+
     def accumulate(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray):
         """Add the clipped per-example gradient sum of one physical batch into .grad."""
+        if self._batches_left is not None:
+            if self.reducer is not None and self._batches_left == 1:
+                self.reducer.arm()
+            self._batches_left -= 1
         self.model.train()
         xb = torch.as_tensor(x, device=self.device)
         yb = torch.as_tensor(y, device=self.device)
@@ -84,13 +115,19 @@ class TorchBackend:
         requires."""
         from dpprims.bindings.torch.update import add_noise_and_step
 
+        if self.reducer is not None:
+            self.reducer.finish()  # .grad = sum over ranks of the clipped sums
         h = self.hyper
         add_noise_and_step(self.params, state=self.opt_state, noise_std=self.plan.noise_std,
                            normaliser=self.plan.normaliser, seed=self.noise_seed, step=step + 1, rank=self.rank,
                            optimizer=self.optimizer_name, lr=h["lr"], momentum=h["momentum"],
                            weight_decay=h["weight_decay"], betas=h["betas"], eps=h["eps"])
-        for p in self.params:
-            p.grad = None
+        self._batches_left = None
+        if self.reducer is not None:
+            self.reducer.zero_()
+        else:
+            for p in self.params:
+                p.grad = None
 
     def step_stats(self) -> dict:
         s, self._stats = self._stats, {}
@@ -124,10 +161,18 @@ class TorchBackend:
 
         return dict(LAST_BACKEND)
 
+    def fingerprint(self) -> int:
+        """Exact checksum of the parameters' and optimizer buffers' bits (replica checks)."""
+        from dpprims.distributed import tensor_fingerprint
+
+        bufs = [t for k in ("momentum_buffer", "exp_avg", "exp_avg_sq") for t in self.opt_state.get(k, [])]
+        return tensor_fingerprint(self.params + bufs)
+
     def describe(self) -> dict:
         return dict(framework="torch", device=str(self.device), precision=self.precision,
                     optimizer=self.optimizer_name, torch=torch.__version__,
-                    parameters=int(sum(p.numel() for p in self.params)))
+                    parameters=int(sum(p.numel() for p in self.params)),
+                    world_size=1 if self.dist is None else self.dist.world_size)
 
 
 
