@@ -1,0 +1,812 @@
+"""End-to-end DP-SGD training-step benchmark: examples/s and peak GPU memory per step.
+
+    python bench/e2e.py --out bench/results                     # GPU: the full matrix
+    python bench/e2e.py --smoke --out /tmp/e2e                  # CPU: tiny, proves the harness
+    python bench/e2e.py --configs r18-32-b256 --precisions bf16 --out bench/results
+
+Configs: ResNet-18-GN (CIFAR stem) at 32x32 with physical batch 256 and 1024, ResNet-50-GN at
+224x224 with batch 64 (dpprims.models / dpprims.models.jax_resnet: the same networks in torch
+and Flax). Precisions: bf16 (torch autocast; JAX computes with bf16 params and inputs, fp32
+master weights), fp32 (TF32 off everywhere, dpprims dot precision "ieee"), tf32 (optional: TF32
+on everywhere, dpprims "tf32").
+
+Methods (each in its own process: memory, OOM and compile caches are isolated):
+
+  torch-nonprivate  plain SGD step (momentum 0.9), mean cross-entropy
+  opacus-hooks      Opacus PrivacyEngine.make_private(grad_sample_mode="hooks"): GradSampleModule
+                    materialises per-example gradients, DPOptimizer clips, sums, adds noise, steps
+  opacus-ghost      make_private(grad_sample_mode="ghost"): GradSampleModuleFastGradientClipping,
+                    DPOptimizerFastGradientClipping and DPLossFastGradientClipping (two backward
+                    passes: norms, then the re-weighted loss)
+  dpprims-torch     DPEngine.backward (fused norms + clipped sums) and the fused noise + SGD
+                    update (dpprims.bindings.torch.update.add_noise_and_step)
+  jax-nonprivate    jax.grad of the mean loss, optax SGD (momentum 0.9), jit
+  jax-vmap          DP-SGD as in Beltran et al. 2024 / dp-imagenet: jax.vmap(jax.grad) per-example
+                    gradients, per-example clip, sum, Gaussian noise, SGD; jit
+  dpprims-jax       dpprims.jax.clipped_grad (fused kernels through jax-triton), noise, SGD; jit
+
+Each run: warm-up steps (compilation included), then the median (and 10/90% quantiles) of
+--steps synchronised step times; examples/s = batch / median. Peak memory: torch's
+max_memory_allocated over the timed steps; JAX's peak_bytes_in_use (XLA_PYTHON_CLIENT_PREALLOCATE
+is set to false). The largest physical batch per method (doubling from the largest configured
+batch of each model until OOM, a cap, or --max-batch-time) is searched in the same process.
+
+Writes <out>/<gpu>-<date>-e2e.json (machine line, command, settings, rows, targets, markdown) and
+a PNG beside it, and prints the markdown table (including the rows where dpprims loses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (ROOT, TARGETS, ensure_dpprims, is_oom, machine_info, not_measured_targets, quantile,  # noqa: E402
+                     results_path, target_status, try_import, write_json)
+
+CONFIGS = {
+    "r18-32-b256": dict(model="resnet18", cifar=True, image=32, batch=256, num_classes=10),
+    "r18-32-b1024": dict(model="resnet18", cifar=True, image=32, batch=1024, num_classes=10, search=True),
+    "r50-224-b64": dict(model="resnet50", cifar=False, image=224, batch=64, num_classes=1000, search=True),
+}
+# smoke: the same model code at tiny width, depth (one block per stage), input and batch; the
+# ImageNet stem is kept for the ResNet-50 config. Proves the harness, measures nothing.
+SMOKE_CONFIGS = {
+    "r18-32-b256": dict(model="resnet18", cifar=True, image=8, batch=4, num_classes=10, width=4, num_groups=2,
+                        layers=[1, 1, 1, 1], search=True),
+    "r50-224-b64": dict(model="resnet50", cifar=False, image=32, batch=2, num_classes=10, width=4, num_groups=2,
+                        layers=[1, 1, 1, 1]),
+}
+# smoke on CPU: XLA's LLVM optimisation off (compile time dominates a 2-step CPU run)
+SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+METHODS = ["torch-nonprivate", "opacus-hooks", "opacus-ghost", "dpprims-torch", "jax-nonprivate", "jax-vmap",
+           "dpprims-jax"]
+PRECISIONS = ("bf16", "fp32", "tf32")
+CLIP_NORM = 1.0
+NOISE_MULTIPLIER = 1.0
+LR = 0.1
+MOMENTUM = 0.9
+
+
+# ============================================================================================
+# worker: one (config, precision, method) in its own process
+# ============================================================================================
+def _sync_torch(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_setup(spec):
+    import torch
+
+    dev = torch.device(spec["device"])
+    prec = spec["precision"]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+        torch.backends.cudnn.allow_tf32 = prec == "tf32"
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    return dev
+
+
+def _torch_model(spec, dev):
+    ensure_dpprims()
+    kw = {k: spec[k] for k in ("width", "num_groups") if k in spec}
+    if spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
+        from dpprims.models.torch_resnet import BasicBlock, Bottleneck, ResNet
+
+        block = BasicBlock if spec["model"] == "resnet18" else Bottleneck
+        return ResNet(block, spec["layers"], num_classes=spec["num_classes"], cifar=spec["cifar"], **kw).to(dev)
+    from dpprims.models import get_model
+
+    name = spec["model"] + ("-cifar" if spec["cifar"] else "")
+    return get_model(name, num_classes=spec["num_classes"], **kw).to(dev)
+
+
+def _torch_data(spec, dev, batch):
+    import torch
+
+    g = torch.Generator(device=dev).manual_seed(batch)
+    x = torch.randn(batch, 3, spec["image"], spec["image"], device=dev, generator=g)
+    y = torch.randint(0, spec["num_classes"], (batch,), device=dev, generator=g)
+    return x, y
+
+
+def _autocast(spec, dev):
+    import torch
+
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
+
+
+def torch_method(spec):
+    """Returns (make_step(batch) -> step(), dev, notes)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = _torch_setup(spec)
+    method = spec["method"]
+    model = _torch_model(spec, dev)
+    notes = {}
+    B0 = spec["batch"]
+
+    if method == "torch-nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+        def make_step(batch):
+            x, y = _torch_data(spec, dev, batch)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with _autocast(spec, dev):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+            return step
+        return make_step, dev, notes
+
+    if method in ("opacus-hooks", "opacus-ghost"):
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        # make_private needs a data loader (it sets expected_batch_size from it); the timed steps
+        # feed device tensors directly, as a training loop over that loader would.
+        ds = TensorDataset(torch.zeros(B0, 3, 1, 1), torch.zeros(B0, dtype=torch.long))
+        dl = DataLoader(ds, batch_size=B0)
+        pe = PrivacyEngine()
+        mode = "hooks" if method == "opacus-hooks" else "ghost"
+        kw = dict(module=model, optimizer=opt, data_loader=dl, noise_multiplier=NOISE_MULTIPLIER,
+                  max_grad_norm=CLIP_NORM, poisson_sampling=False, grad_sample_mode=mode)
+        if mode == "ghost":
+            kw["criterion"] = torch.nn.CrossEntropyLoss()
+            gsm, dpopt, criterion, _ = pe.make_private(**kw)
+        else:
+            gsm, dpopt, _ = pe.make_private(**kw)
+            criterion = torch.nn.CrossEntropyLoss()
+        notes.update(opacus_module=type(gsm).__name__, opacus_optimizer=type(dpopt).__name__,
+                     opacus_criterion=type(criterion).__name__)
+
+        def make_step(batch):
+            x, y = _torch_data(spec, dev, batch)
+
+            def step():
+                dpopt.zero_grad(set_to_none=True)
+                with _autocast(spec, dev):
+                    out = gsm(x)
+                loss = criterion(out.float(), y)
+                loss.backward()
+                dpopt.step()
+            return step
+        return make_step, dev, notes
+
+    if method == "dpprims-torch":
+        ensure_dpprims()
+        from dpprims.torch import DPEngine
+
+        if spec["precision"] == "tf32":
+            try:  # the fastest TF32 mode the engine accepts
+                engine, prec = DPEngine(model, max_grad_norm=CLIP_NORM, precision="tf32"), "tf32"
+            except ValueError:
+                engine, prec = DPEngine(model, max_grad_norm=CLIP_NORM, precision="tf32x3"), "tf32x3"
+        else:
+            engine, prec = DPEngine(model, max_grad_norm=CLIP_NORM, precision="ieee"), "ieee"
+        notes["dp_precision"] = prec
+        params = [p for p in model.parameters() if p.requires_grad]
+        upd, why = try_import("dpprims.bindings.torch.update")
+        state: dict = {}
+        counter = [0]
+        if upd is not None and hasattr(upd, "add_noise_and_step"):
+            notes["update"] = "dpprims.bindings.torch.update.add_noise_and_step (fused noise + SGD momentum)"
+
+            def noisy_step(batch):
+                counter[0] += 1
+                upd.add_noise_and_step(params, state=state, noise_std=NOISE_MULTIPLIER * CLIP_NORM,
+                                       normaliser=float(batch), seed=1234, step=counter[0], optimizer="sgd",
+                                       lr=LR, momentum=MOMENTUM)
+        else:
+            notes["update"] = f"torch.randn + torch.optim.SGD (fused update op {why})"
+            opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+
+            def noisy_step(batch):
+                with torch.no_grad():
+                    for p in params:
+                        p.grad.add_(torch.randn_like(p), alpha=NOISE_MULTIPLIER * CLIP_NORM).div_(batch)
+                opt.step()
+
+        def make_step(batch):
+            x, y = _torch_data(spec, dev, batch)
+
+            def step():
+                for p in params:
+                    p.grad = None
+                with _autocast(spec, dev):
+                    losses = F.cross_entropy(model(x), y, reduction="none")
+                engine.backward(losses)
+                noisy_step(batch)
+            return step
+
+        def after():
+            notes["backends"] = dict(engine.last_stats.get("backends", {}))
+            try:
+                notes["plan"] = [{k: r.get(k) for k in ("layer", "kind", "T", "d", "p", "method")} for r in engine.plan()]
+            except Exception:  # noqa: BLE001 - the plan is informative only
+                pass
+        notes["_after"] = after
+        return make_step, dev, notes
+
+    raise ValueError(f"unknown torch method {method!r}")
+
+
+def jax_method(spec):
+    """Returns (make_step(batch) -> step(), sync(), notes)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    ensure_dpprims()
+    from dpprims.models import jax_resnet
+
+    method = spec["method"]
+    prec = spec["precision"]
+    if prec != "bf16":  # fp32: true fp32 dots and convs (as torch with TF32 off); tf32: TF32
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if prec == "tf32" else "highest")
+    kw = {k: spec[k] for k in ("width", "num_groups") if k in spec}
+    if spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
+        block = jax_resnet.BasicBlock if spec["model"] == "resnet18" else jax_resnet.Bottleneck
+        model = jax_resnet.ResNet(block, tuple(spec["layers"]), spec["num_classes"], spec["cifar"], **kw)
+    else:
+        name = spec["model"] + ("-cifar" if spec["cifar"] else "")
+        model = jax_resnet.get_jax_model(name, num_classes=spec["num_classes"], **kw)
+    S = spec["image"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3), jnp.float32))["params"]
+    cdt = jnp.bfloat16 if prec == "bf16" else jnp.float32
+
+    def cast(p):
+        return jax.tree_util.tree_map(lambda a: a.astype(cdt), p)
+
+    def ce(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+    tx = optax.sgd(LR, momentum=MOMENTUM)
+    opt_state = tx.init(params)
+    notes = {"jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+    std = NOISE_MULTIPLIER * CLIP_NORM
+
+    def add_noise(grads, key, batch):
+        leaves, tdef = jax.tree_util.tree_flatten(grads)
+        keys = jax.random.split(key, len(leaves))
+        noisy = [(g + std * jax.random.normal(k, g.shape, jnp.float32)) / batch for g, k in zip(leaves, keys)]
+        return jax.tree_util.tree_unflatten(tdef, noisy)
+
+    if method == "jax-nonprivate":
+        def grads_fn(p, x, y, key):
+            def loss(p):
+                return jnp.mean(ce(model.apply({"params": cast(p)}, x.astype(cdt)), y))
+            return jax.grad(loss)(p)
+
+    elif method == "jax-vmap":
+        def grads_fn(p, x, y, key):
+            def loss_one(p, xi, yi):
+                logits = model.apply({"params": cast(p)}, xi[None].astype(cdt))
+                return ce(logits, yi[None])[0]
+            g = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(p, x, y)
+            sq = sum(jnp.sum(jnp.square(l.astype(jnp.float32)).reshape(l.shape[0], -1), axis=1)
+                     for l in jax.tree_util.tree_leaves(g))
+            c = jnp.minimum(1.0, CLIP_NORM / (jnp.sqrt(sq) + 1e-6))
+            summed = jax.tree_util.tree_map(lambda l: jnp.einsum("b,b...->...", c, l.astype(jnp.float32)), g)
+            return add_noise(summed, key, x.shape[0])
+
+    elif method == "dpprims-jax":
+        dpj, why = try_import("dpprims.jax")
+        if dpj is None or not hasattr(dpj, "clipped_grad"):
+            raise _Skip(why or "dpprims.jax has no clipped_grad")
+        base = dpj.make_loss_fn(model, lambda logits, batch: ce(logits, batch[1]))
+        if prec == "tf32":
+            from dpprims.bindings.jax import linear as _jl
+
+            dprec = "tf32" if "tf32" in getattr(_jl, "DOT_PRECISIONS", ("tf32",)) else "tf32x3"
+        else:
+            dprec = "ieee"
+        notes["dp_precision"] = dprec
+
+        if prec == "bf16":
+            # compute in bf16 with fp32 master weights: the loss casts the params (the returned
+            # clipped sums keep the fp32 params' dtype)
+            def loss_fn(p, perts, batch, rngs=None):
+                return base(cast(p), perts, batch)
+            loss_fn.init_perturbations = lambda p, batch: base.init_perturbations(cast(p), batch)
+        else:
+            loss_fn = base
+
+        def grads_fn(p, x, y, key):
+            batch = (x.astype(cdt), y)
+            grads, _ = dpj.clipped_grad(loss_fn, p, batch, max_grad_norm=CLIP_NORM, precision=dprec)
+            return add_noise(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads), key, x.shape[0])
+
+        notes["path"] = str(dpj.which_path()) if hasattr(dpj, "which_path") else None
+    else:
+        raise ValueError(f"unknown jax method {method!r}")
+
+    def train_step(p, s, key, x, y):
+        key, k = jax.random.split(key)
+        g = grads_fn(p, x, y, k)
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s, key
+
+    # params, optimizer state and key are donated: updated in place, as torch does
+    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    state = {"p": params, "s": opt_state, "key": jax.random.PRNGKey(1)}
+    notes["xla_memory"] = {}
+
+    def make_step(batch):
+        kx, ky = jax.random.split(jax.random.PRNGKey(batch))
+        x = jax.random.normal(kx, (batch, S, S, 3), jnp.float32)
+        y = jax.random.randint(ky, (batch,), 0, spec["num_classes"])
+        # ahead-of-time compile: one compilation, and XLA's own account of the step's memory
+        compiled = jitted.lower(state["p"], state["s"], state["key"], x, y).compile()
+        notes["xla_memory"][str(batch)] = _xla_memory(compiled)
+
+        def step():
+            state["p"], state["s"], state["key"] = compiled(state["p"], state["s"], state["key"], x, y)
+        return step
+
+    def sync():
+        jax.block_until_ready(state["p"])
+
+    def after():
+        if method == "dpprims-jax":
+            try:
+                from dpprims.bindings.jax import LAST_PATH
+
+                notes["kernel_paths"] = dict(LAST_PATH)
+            except Exception:  # noqa: BLE001
+                pass
+    notes["_after"] = after
+    return make_step, sync, notes
+
+
+class _Skip(Exception):
+    pass
+
+
+def _xla_memory(compiled) -> dict | None:
+    """Bytes a compiled JAX step needs on the device: arguments + outputs - aliased (donated)
+    + temporaries (activations, gradients, workspace), from XLA's memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+        if m is None:
+            return None
+        d = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                                               "temp_size_in_bytes") if hasattr(m, k)}
+        d["total_bytes"] = (d.get("argument_size_in_bytes", 0) + d.get("output_size_in_bytes", 0)
+                            - d.get("alias_size_in_bytes", 0) + d.get("temp_size_in_bytes", 0))
+        return d
+    except Exception as e:  # noqa: BLE001 - informative only
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _peak_reset(framework, dev):
+    if framework == "torch" and dev is not None and dev.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(framework, dev, notes=None, batch=None):
+    """(bytes, source) of the peak device memory of a step, or (None, reason).
+
+    torch: max_memory_allocated over the timed steps (reset after the warm-up). JAX: XLA's
+    memory analysis of the compiled step (arguments + outputs - donated + temporaries); the
+    process-wide peak_bytes_in_use is kept beside it (it also counts what compilation and
+    autotuning allocated, so it is only an upper bound)."""
+    if framework == "torch":
+        if dev is not None and dev.type == "cuda":
+            import torch
+
+            return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated (timed steps)"
+        return None, "not measured on CPU"
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None, "not measured on CPU"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if notes is not None and "peak_bytes_in_use" in stats:
+        notes["jax_process_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    xm = (notes or {}).get("xla_memory", {}).get(str(batch)) or {}
+    if xm.get("total_bytes"):
+        return int(xm["total_bytes"]), "XLA memory_analysis of the compiled step (args + outputs - donated + temps)"
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "jax memory_stats peak_bytes_in_use (process, upper bound)"
+    return None, "no memory statistics from this JAX backend"
+
+
+def _free(framework):
+    import gc
+
+    gc.collect()
+    if framework == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        import jax
+
+        jax.clear_caches()
+
+
+def run_worker(spec: dict) -> dict:
+    """Time one method; returns the result row (never raises: errors become the row's status)."""
+    row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
+    row.update(status="ok", framework="jax" if spec["method"].startswith(("jax", "dpprims-jax")) else "torch")
+    fw = row["framework"]
+    t_start = time.perf_counter()
+    try:
+        if spec.get("interpret"):
+            os.environ["TRITON_INTERPRET"] = "1"
+        if spec.get("cpu_threads"):
+            # CPU smoke on a shared machine: OpenMP spin-waiting across busy cores made 10 ms
+            # steps take seconds; one thread keeps the smoke run predictable
+            import torch
+
+            torch.set_num_threads(spec["cpu_threads"])
+        if fw == "torch":
+            missing = "opacus" if spec["method"].startswith("opacus") else None
+            if missing:
+                mod, why = try_import(missing)
+                if mod is None:
+                    raise _Skip(why)
+            make_step, dev, notes = torch_method(spec)
+
+            def sync():
+                _sync_torch(dev)
+        else:
+            for mod_name in ("jax", "flax", "optax"):
+                mod, why = try_import(mod_name)
+                if mod is None:
+                    raise _Skip(why)
+            mod, why = try_import("dpprims.models.jax_resnet")
+            if mod is None:
+                raise _Skip(why)
+            dev = None
+            make_step, sync, notes = jax_method(spec)
+        after = notes.pop("_after", None)
+        B = spec["batch"]
+        t0 = time.perf_counter()
+        step = make_step(B)
+        row["setup_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(spec["warmup"]):
+            step()
+        sync()
+        row["warmup_s"] = time.perf_counter() - t0
+        _peak_reset(fw, dev)
+        times = []
+        for _ in range(spec["steps"]):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        med = quantile(times, 0.5)
+        row.update(step_ms_median=med, step_ms_p10=quantile(times, 0.1), step_ms_p90=quantile(times, 0.9),
+                   step_ms_all=times, steps=len(times), warmup=spec["warmup"], examples_per_s=B / (med * 1e-3))
+        row["peak_mem_bytes"], row["peak_mem_source"] = _peak(fw, dev, notes, B)
+        if after:
+            after()
+        row["notes"] = notes
+        row["warning"] = _path_warning(spec, notes)
+        del step
+        if spec.get("search"):
+            row["max_batch"] = _search(spec, make_step, sync, fw)
+        elif spec.get("search_skipped"):
+            row["max_batch"] = dict(largest_ok=None, stopped=spec["search_skipped"])
+    except _Skip as e:
+        row.update(status="skipped", reason=str(e))
+    except Exception as e:  # noqa: BLE001
+        if is_oom(e):
+            row.update(status="oom", reason=f"out of memory at batch {spec['batch']}")
+        else:
+            row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
+                       traceback=traceback.format_exc()[-4000:])
+    row["worker_s"] = time.perf_counter() - t_start
+    return row
+
+
+def _search(spec, make_step, sync, fw) -> dict:
+    """Doubling search of the largest physical batch that runs a training step (2 steps: the
+    first compiles), in this process, from the configured batch; stops at the first OOM, at
+    ``search_cap`` or when ``search_time`` seconds are spent."""
+    b = spec["batch"]
+    res = dict(largest_ok=b, first_oom=None, stopped=None, probes=[])
+    t0 = time.perf_counter()
+    while True:
+        b *= 2
+        if b > spec["search_cap"]:
+            res["stopped"] = f"cap {spec['search_cap']}"
+            break
+        if time.perf_counter() - t0 > spec["search_time"]:
+            res["stopped"] = f"time limit {spec['search_time']:.0f} s"
+            break
+        _free(fw)
+        try:
+            step = make_step(b)
+            step()
+            step()
+            sync()
+            res["largest_ok"] = b
+            res["probes"].append([b, "ok"])
+            del step
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                res["first_oom"] = b
+                res["stopped"] = "oom"
+                res["probes"].append([b, "oom"])
+            else:
+                res["stopped"] = f"error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                res["probes"].append([b, "error"])
+            break
+    res["seconds"] = time.perf_counter() - t0
+    _free(fw)
+    return res
+
+
+def _path_warning(spec, notes) -> str | None:
+    """On a GPU, dpprims rows must have run the compiled kernels: a plain-torch / jnp fallback
+    would be a different (and misleading) measurement, so it is flagged in the table."""
+    if spec["device"] != "cuda":
+        return None
+    if spec["method"] == "dpprims-torch":
+        other = {op: b for op, b in (notes.get("backends") or {}).items() if b != "triton"}
+        return f"ops not on the Triton GPU path: {other}" if other else None
+    if spec["method"] == "dpprims-jax":
+        other = {op: p for op, p in (notes.get("kernel_paths") or {}).items() if p != "jax-triton"}
+        if other or notes.get("path") != "jax-triton":
+            return f"dpprims JAX ops not on the jax-triton path (path {notes.get('path')}): {other}"
+    return None
+
+
+def _worker_main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    row = run_worker(spec)
+    Path(out_path).write_text(json.dumps(row, default=str))
+
+
+# ============================================================================================
+# parent: the matrix, isolation, results
+# ============================================================================================
+def _run_isolated(spec: dict, isolation: str, timeout: float) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="dpprims-e2e-"))
+    spec_path, out_path = tmp / "spec.json", tmp / "row.json"
+    spec_path.write_text(json.dumps(spec))
+    base = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
+    t0 = time.perf_counter()
+    log = ""
+    if isolation == "fork":
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                _worker_main(str(spec_path), str(out_path))
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return dict(base, status="failed", reason=f"timeout after {timeout:.0f} s")
+    else:
+        env = dict(os.environ)
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        if spec.get("interpret"):
+            env["TRITON_INTERPRET"] = "1"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(out_path)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+            log = (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired:
+            return dict(base, status="failed", reason=f"timeout after {timeout:.0f} s")
+    if not out_path.exists():
+        return dict(base, status="failed", reason="worker died without a result (crash or killed)", log=log)
+    row = json.loads(out_path.read_text())
+    row["process_s"] = time.perf_counter() - t0
+    if log and row.get("status") != "ok":
+        row["log"] = log
+    return row
+
+
+def evaluate_targets(rows: list[dict], *, smoke: bool) -> list[dict]:
+    """The end-to-end targets of issue 6 per (config, precision); kernel targets are listed as
+    not measured here (they come from the microbenchmarks)."""
+    from plot import add_ratios
+
+    add_ratios(rows)
+    out = []
+    by = {}
+    for r in rows:
+        by.setdefault((r["config"], r["precision"]), {})[r["method"]] = r
+    for (cfg, prec), ms in sorted(by.items()):
+        where = f"{cfg} {prec}"
+
+        def val(method, key):
+            r = ms.get(method)
+            return None if r is None else r.get(key)
+
+        def why(*methods):
+            bad = [f"{m}: {ms[m]['status']}" if m in ms else f"{m}: not run" for m in methods
+                   if m not in ms or ms[m].get("status") != "ok"]
+            return "; ".join(bad) or None
+
+        if "dpprims-torch" in ms:
+            out.append(target_status("torch_vs_nonprivate", val("dpprims-torch", "ratio_vs_nonprivate"), where,
+                                     reason=why("dpprims-torch", "torch-nonprivate"), smoke=smoke))
+            out.append(target_status("torch_vs_opacus", val("dpprims-torch", "speedup_vs_opacus-hooks"), where,
+                                     reason=why("dpprims-torch", "opacus-hooks"), smoke=smoke))
+            mem = val("dpprims-torch", "mem_ratio_vs_nonprivate")
+            out.append(target_status("torch_memory", mem, where, smoke=smoke,
+                                     reason=why("dpprims-torch", "torch-nonprivate") or (None if mem is not None else
+                                                                                        "peak memory not measured (CPU)")))
+        if "dpprims-jax" in ms:
+            out.append(target_status("jax_vs_nonprivate", val("dpprims-jax", "ratio_vs_nonprivate"), where,
+                                     reason=why("dpprims-jax", "jax-nonprivate"), smoke=smoke))
+            out.append(target_status("jax_vs_vmap", val("dpprims-jax", "speedup_vs_jax-vmap"), where,
+                                     reason=why("dpprims-jax", "jax-vmap"), smoke=smoke))
+    have = {t["target"] for t in out}
+    for name, t in TARGETS.items():
+        if t["scope"] == "e2e" and name not in have:
+            out.append(target_status(name, None, "-", reason="no run of this target's methods was selected"))
+    out += not_measured_targets("kernels", "kernel target: see the microbenchmarks (python -m pytest bench)")
+    return out
+
+
+def _split(v, allowed, name):
+    vals = [s.strip() for s in v.split(",") if s.strip()]
+    bad = [s for s in vals if s not in allowed]
+    if bad:
+        raise SystemExit(f"{name}: unknown {bad}; choose from {list(allowed)}")
+    return vals
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON and the PNG")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and batches, 2 timed steps (CPU proof of the harness)")
+    ap.add_argument("--interpret", action="store_true",
+                    help="set TRITON_INTERPRET=1 in the workers (CPU: dpprims' Triton kernels through the interpreter)")
+    ap.add_argument("--configs", default=None, help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument("--precisions", default=None, help="comma list of bf16,fp32,tf32 (default bf16,fp32; smoke: fp32)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, compilation included (default 3; smoke 1)")
+    ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--max-batch-time", type=float, default=None, help="seconds per method for the search (default 120)")
+    ap.add_argument("--max-batch-cap", type=int, default=None, help="largest batch tried (default 65536; smoke 2x batch)")
+    ap.add_argument("--worker-timeout", type=float, default=None, help="seconds per method process (default 900)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for the whole run; methods not started in time are recorded as skipped")
+    ap.add_argument("--isolation", choices=("process", "fork"), default=None,
+                    help="process: a fresh interpreter per method (default); fork: fork a pre-loaded parent "
+                         "(default with --smoke on CPU: saves the imports)")
+    ap.add_argument("--tag", default="e2e", help="file name tag: <gpu>-<date>-<tag>.json")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        ensure_dpprims()
+        _worker_main(*args.worker)
+        return 0
+
+    t_run = time.perf_counter()
+    smoke = args.smoke
+    table = SMOKE_CONFIGS if smoke else CONFIGS
+    configs = _split(args.configs, table, "--configs") if args.configs else list(table)
+    precisions = _split(args.precisions, PRECISIONS, "--precisions") if args.precisions else (
+        ["fp32"] if smoke else ["bf16", "fp32"])
+    methods = _split(args.methods, METHODS, "--methods")
+    steps = args.steps or (2 if smoke else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
+    search_time = args.max_batch_time or (30.0 if smoke else 120.0)
+    timeout = args.worker_timeout or (300.0 if smoke else 900.0)
+
+    import torch  # the parent needs torch only for the device name
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not smoke and not cuda:
+        print("note: no CUDA GPU here: the full-size run on CPU is slow and says nothing about GPU speed "
+              "(use --smoke to check the harness)", file=sys.stderr)
+    isolation = args.isolation or ("fork" if smoke and not cuda and hasattr(os, "fork") else "process")
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not cuda:
+        os.environ.pop("TRITON_INTERPRET", None)  # CPU smoke: dpprims' plain-torch / jnp paths
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if smoke and not cuda:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SMOKE_XLA_FLAGS).strip()
+    if isolation == "fork":
+        # load the heavy modules once; each forked worker starts with them imported (no
+        # framework state is created in the parent: no device is touched before the fork)
+        ensure_dpprims()
+        for name in ("torch._dynamo", "opacus", "jax", "flax.linen", "optax", "dpprims.torch", "dpprims.jax",
+                     "dpprims.models.jax_resnet", "dpprims.models.torch_resnet", "dpprims.bindings.torch.update"):
+            try_import(name)
+
+    # no CUDA context in the parent while the workers run (it would hold device memory)
+    info = machine_info(query_device=False)
+    print(f"machine: {info['machine_line']}\ncommand: {info['command']}\nisolation: {isolation}", flush=True)
+    rows = []
+    for cfg in configs:
+        base = dict(table[cfg])
+        for prec in precisions:
+            for method in methods:
+                spec = dict(config=cfg, precision=prec, method=method, device=device, steps=steps, warmup=warmup,
+                            interpret=bool(args.interpret), **{k: v for k, v in base.items() if k != "search"})
+                spec["search"] = bool(base.get("search")) and not args.no_max_batch
+                if smoke and method.startswith(("jax", "dpprims-jax")) and not args.max_batch_cap:
+                    spec["search"] = False  # each probe recompiles: only with an explicit --max-batch-cap
+                    spec["search_skipped"] = "smoke: JAX probes recompile; pass --max-batch-cap to search"
+                spec["search_cap"] = args.max_batch_cap or (2 * base["batch"] if smoke else 65536)
+                spec["search_time"] = search_time
+                if smoke and not cuda:
+                    spec["cpu_threads"] = 1
+                elapsed = time.perf_counter() - t_run
+                if args.time_budget is not None and elapsed > args.time_budget:
+                    row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
+                    row.update(status="skipped", reason=f"time budget {args.time_budget:.0f} s spent before it started")
+                else:
+                    left = timeout if args.time_budget is None else max(30.0, min(timeout, args.time_budget - elapsed + 30))
+                    row = _run_isolated(spec, isolation, left)
+                rows.append(row)
+                eps = row.get("examples_per_s")
+                print(f"  {cfg:<14} {prec:<5} {method:<17} {row['status']:<8} "
+                      + (f"{eps:10.1f} ex/s  step {row['step_ms_median']:.1f} ms" if eps else row.get("reason", ""))
+                      + (f"  ({row.get('process_s', 0):.1f} s)" if row.get("process_s") else ""), flush=True)
+
+    info = machine_info(query_device=True)
+    targets = evaluate_targets(rows, smoke=smoke)
+    settings = dict(smoke=smoke, configs={c: table[c] for c in configs}, precisions=precisions, methods=methods,
+                    steps=steps, warmup=warmup, isolation=isolation, device=device, interpret=bool(args.interpret),
+                    max_batch=not args.no_max_batch, max_batch_time=search_time, clip_norm=CLIP_NORM,
+                    noise_multiplier=NOISE_MULTIPLIER, lr=LR, momentum=MOMENTUM, optimizer="SGD momentum",
+                    torch_fp32="TF32 off (cuBLAS and cuDNN)", jax_fp32="jax_default_matmul_precision=highest",
+                    wall_s=time.perf_counter() - t_run)
+    res = dict(kind="e2e", machine_line=info["machine_line"], machine=info, settings=settings, rows=rows, targets=targets)
+    from plot import full_markdown, plot
+
+    res["markdown"] = full_markdown(res)
+    path = results_path(args.out, info, args.tag + ("-smoke" if smoke else ""))
+    png = path.with_suffix(".png")
+    try:
+        plot(res, png)
+        res["plot"] = png.name
+    except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the numbers
+        res["plot_error"] = f"{type(e).__name__}: {e}"
+    write_json(path, res)
+    print()
+    print(res["markdown"])
+    print(f"\nresults: {path}" + (f"\nplot: {png}" if res.get("plot") else f"\nplot failed: {res.get('plot_error')}"))
+    print(f"wall time: {time.perf_counter() - t_run:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
