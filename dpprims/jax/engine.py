@@ -42,6 +42,11 @@ Edge cases, all privacy-relevant:
 * a DP layer called several times in one forward: its per-example gradient is the sum over
   calls (supported for Dense, GroupNorm, LayerNorm, Embed; Conv raises).
 * models must not mix examples (no BatchNorm): the per-example gradient is then not defined.
+* inside ``jax.shard_map``: with the default ``check_vma=True`` the zero perturbations are
+  device-invariant, so JAX sums their gradients (the output gradients B_i) across devices and
+  per-example norms mix examples of different devices. Use
+  ``dpprims.distributed.make_sharded_clipped_sum``, which runs clipped_grad with
+  ``check_vma=False``, or pass ``check_vma=False`` yourself.
 """
 from __future__ import annotations
 
