@@ -328,6 +328,7 @@ def test_sensitivity_jax():
     on_cpu = not torch.cuda.is_available()
     ctx = dpj.use_path("interpreter") if on_cpu and interpreting() else contextlib.nullcontext()
     with ctx:
+        dpj.LAST_PATH.clear()  # process-global: keep only the paths this test's ops take
         h = JaxHarness(mixing=False)
         _jax_remove_add(h)
         _jax_isolation(h)

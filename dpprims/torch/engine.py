@@ -108,7 +108,7 @@ class DPEngine:
                 # Even frozen: the forward renormalises the looked-up weight rows in place, so
                 # the weights would change, without noise, depending on the private batch.
                 raise ValueError(
-                    f"DPEngine: embedding {label!r} has max_norm={module.max_norm}: its forward rewrites "
+                    f"DPEngine: Embedding {label!r} has max_norm={module.max_norm}: its forward rewrites "
                     "the weight rows of the tokens in the batch in place (a data-dependent, noiseless "
                     "change), even when frozen. Use max_norm=None.")
             params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]

@@ -19,6 +19,25 @@ from dpprims.plan import DPPlan
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+def _bf16(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _bf16_loss(dpj):
+    """A DPLoss whose forward runs in bf16 (params and inputs cast inside): activations and
+    output gradients are bf16, the clipped sums come back in the fp32 of the master params
+    (the kernels accumulate in fp32), and the loss itself is computed in fp32."""
+
+    class BF16Loss(dpj.DPLoss):
+        def __call__(self, params, perturbations, batch, rngs=None):
+            return super().__call__(_bf16(params), perturbations, (_bf16(batch[0]),) + tuple(batch[1:]), rngs)
+
+        def init_perturbations(self, params, batch, rngs=None):
+            return super().init_perturbations(_bf16(params), (_bf16(batch[0]),) + tuple(batch[1:]), rngs)
+
+    return BF16Loss
+
+
 def _xent(logits, batch):
     y = batch[1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -35,13 +54,16 @@ class JaxBackend:
         channels_last: transpose NCHW image batches to NHWC (the JAX models' layout).
         optimizer, lr, momentum, weight_decay, betas, eps: as in torch.optim.
         clipping: "flat" | "automatic".
+        precision: "fp32", or "bf16": forward and backward in bf16 on a bf16 copy of the fp32
+            master params (like torch autocast); clipped sums, noise and update stay fp32.
     """
 
     framework = "jax"
 
     def __init__(self, model, params, plan: DPPlan, *, channels_last: bool = True, optimizer: str = "sgd",
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 eps: float = 1e-8, clipping: str = "flat", norm_method="auto", rank: int = 0) -> None:
+                 eps: float = 1e-8, clipping: str = "flat", norm_method="auto", rank: int = 0,
+                 precision: str = "fp32") -> None:
         import dpprims.jax as dpj
         from dpprims.bindings.jax.update import init_opt_state, noisy_update
 
@@ -57,7 +79,10 @@ class JaxBackend:
         self.noise_seed = 0
         self._acc = None
         self._stats = {"nonfinite": 0}
-        self.loss_fn = dpj.make_loss_fn(model, _xent)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        self.loss_fn = (_bf16_loss(dpj)(model, _xent) if precision == "bf16" else dpj.make_loss_fn(model, _xent))
         C = float(plan.max_grad_norm)
 
         def clip_step(params, acc, x, y, mask):
@@ -77,7 +102,10 @@ class JaxBackend:
             return noisy_update(params, sums, opt_state, seed=seed, step=step, **hyper)
 
         self._update = jax.jit(update)
-        self._logits = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        if precision == "bf16":
+            self._logits = jax.jit(lambda p, x: model.apply({"params": _bf16(p)}, _bf16(x)).astype(jnp.float32))
+        else:
+            self._logits = jax.jit(lambda p, x: model.apply({"params": p}, x))
 
     @classmethod
     def from_name(cls, name: str, data, plan: DPPlan, *, seed: int = 0, width: int | None = None,
@@ -85,14 +113,11 @@ class JaxBackend:
         """A backend for a named model of dpprims.models.jax_resnet, initialised from ``seed``."""
         from dpprims.models.jax_resnet import get_jax_model
 
-        if precision != "fp32":
-            raise ValueError("--precision bf16 is implemented for --framework torch only; the JAX backend "
-                             "trains in fp32")
         model_kw = {} if width is None else {"width": width}
         model = get_jax_model(name, num_classes=data.num_classes, **model_kw)
         x0 = cls._prepare(data.x_train[:1], channels_last=True)
         params = model.init(jax.random.PRNGKey(int(seed or 0)), x0)["params"]
-        return cls(model, params, plan, **kwargs)
+        return cls(model, params, plan, precision=precision, **kwargs)
 
     @staticmethod
     def _prepare(x: np.ndarray, channels_last: bool):
