@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULTS = dict(framework="torch", model="mlp", data="default", epsilon=3.0, delta=1e-5, epochs=10.0,
@@ -130,7 +131,8 @@ def train(args) -> dict:
 
         backend = JaxBackend.from_name(args.model, data, plan, optimizer=args.optimizer, lr=args.lr,
                                        momentum=args.momentum, weight_decay=args.weight_decay,
-                                       precision=args.precision, clipping=args.clipping, seed=args.seed, **kwargs)
+                                       precision=args.precision, clipping=args.clipping, seed=args.seed,
+                                       devices=args.nproc, **kwargs)
     seed = None if args.secure else args.seed
     trainer = Trainer(backend, plan, data, seed=seed, secure=args.secure, log_path=args.log,
                       checkpoint_dir=args.checkpoint, resume=args.resume, progress=not args.no_progress, dist=comm)
@@ -189,10 +191,14 @@ def main(argv=None) -> int:
         if in_distributed_env():
             print("dpprims: --nproc spawns its own processes; under torchrun leave it at 1", file=sys.stderr)
             return 2
-        if args.framework != "torch":
-            print("dpprims: --nproc is torch-only for now (JAX: dpprims.distributed.make_sharded_clipped_sum)",
-                  file=sys.stderr)
-            return 2
+        if args.framework == "jax":
+            # JAX is single-controller: one process drives N local devices through a mesh. On a
+            # CPU, make N host devices (must happen before jax is imported).
+            if "jax" not in sys.modules and args.device in ("auto", "cpu"):
+                flag = f"--xla_force_host_platform_device_count={args.nproc}"
+                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+            train(args)
+            return 0
         spawn(_spawned_train, args.nproc, (argv,))
         return 0
     train(args)

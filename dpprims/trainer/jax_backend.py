@@ -56,6 +56,9 @@ class JaxBackend:
         clipping: "flat" | "automatic".
         precision: "fp32", or "bf16": forward and backward in bf16 on a bf16 copy of the fp32
             master params (like torch autocast); clipped sums, noise and update stay fp32.
+        devices: data-parallel over this many local devices (1: no mesh). The clipped sums are
+            psum-ed per physical batch (a sum of psums is the psum of the sum); the noise is
+            drawn once per logical batch, on the summed result, whatever the device count.
     """
 
     framework = "jax"
@@ -63,7 +66,7 @@ class JaxBackend:
     def __init__(self, model, params, plan: DPPlan, *, channels_last: bool = True, optimizer: str = "sgd",
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  eps: float = 1e-8, clipping: str = "flat", norm_method="auto", rank: int = 0,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", devices: int = 1) -> None:
         import dpprims.jax as dpj
         from dpprims.bindings.jax.update import init_opt_state, noisy_update
 
@@ -92,6 +95,23 @@ class JaxBackend:
             losses = jnp.where(mask, aux["losses"].astype(jnp.float32), 0.0)
             return acc, jnp.sum(losses), aux["nonfinite"]
 
+        self.devices = int(devices)
+        if self.devices > 1:
+            # Data parallel over a 1-D mesh of local devices (JAX's single-controller model):
+            # each physical batch's rows are split evenly across devices, every device clips its
+            # own rows with the fused kernels, one psum sums the clipped sums, and the noise is
+            # added once, after it, in noisy_step (dpprims.distributed.make_sharded_clipped_sum).
+            from dpprims.distributed import data_mesh, make_sharded_clipped_sum
+
+            if len(jax.devices()) < self.devices:
+                raise ValueError(f"{self.devices} devices requested, JAX sees {len(jax.devices())} "
+                                 "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
+            if plan.physical_batch_size % self.devices:
+                raise ValueError(f"physical_batch_size={plan.physical_batch_size} must be divisible by the "
+                                 f"{self.devices} devices (each device gets an equal share of every batch)")
+            self.mesh = data_mesh(jax.devices()[:self.devices])
+            self._sharded = make_sharded_clipped_sum(self.loss_fn, self.mesh, max_grad_norm=C, clipping=clipping,
+                                                     norm_method=norm_method)
         self._clip_first = jax.jit(lambda p, x, y, m: clip_step(p, None, x, y, m))
         self._clip_more = jax.jit(clip_step)
         hyper = dict(noise_std=float(plan.noise_std), normaliser=float(plan.normaliser), optimizer=optimizer,
@@ -133,7 +153,11 @@ class JaxBackend:
         xb = self._prepare(x, self.channels_last)
         yb = jnp.asarray(np.asarray(y, dtype=np.int32))
         mb = jnp.asarray(np.asarray(mask, dtype=bool))
-        if self._acc is None:
+        if self.devices > 1:
+            sums, stats = self._sharded(self.params, (xb[None], yb[None]), mb[None])
+            self._acc = sums if self._acc is None else jax.tree_util.tree_map(jnp.add, self._acc, sums)
+            loss_sum, nonfinite = stats["loss_sum"], stats["nonfinite"]
+        elif self._acc is None:
             self._acc, loss_sum, nonfinite = self._clip_first(self.params, xb, yb, mb)
         else:
             self._acc, loss_sum, nonfinite = self._clip_more(self.params, self._acc, xb, yb, mb)
