@@ -118,9 +118,13 @@ def train(args) -> dict:
             device = f"cuda:{comm.local_rank}"
     kwargs = {} if args.width is None else {"width": args.width}
     if args.framework == "torch":
+        import torch
+
         from dpprims.models import get_model
         from dpprims.trainer import TorchBackend
 
+        if not args.secure:  # --seed fixes the initial weights too, so a run is reproducible
+            torch.manual_seed(args.seed)
         model = get_model(args.model, num_classes=data.num_classes, in_channels=data.input_shape[0],
                           input_size=tuple(data.input_shape[1:]) if args.model == "mlp" else None, **kwargs)
         backend = TorchBackend(model, plan, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,

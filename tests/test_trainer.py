@@ -188,3 +188,17 @@ def test_cli_end_to_end_torch(tmp_path, capsys):
                "--no-progress", "--json", "--checkpoint", str(tmp_path / "ck"), "--resume"])
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and again["steps"] == 4 and again["epsilon"] == out["epsilon"]
+
+
+def test_cli_runs_are_reproducible_from_the_seed(capsys):
+    """--seed fixes sampling, noise AND the initial weights: two runs agree exactly."""
+    from dpprims.cli import main
+
+    args = ["train", "--data", "synthetic:1,6,6:3:60", "--model", "mlp", "--epochs", "1",
+            "--expected-batch-size", "15", "--physical-batch-size", "8", "--sigma", "1.0", "--seed", "4",
+            "--no-progress", "--json"]
+    outs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert outs[0]["test_loss"] == outs[1]["test_loss"]
