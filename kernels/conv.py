@@ -232,8 +232,10 @@ def _conv2d_clipped_weight_grad_kernel(
     """out[s, g*P + P-tile, D-tile] = sum over rows r = (i, t) of split s of c_i G_i,g[t]^T U_i,g[t].
 
     ``out`` is [SPLIT, C_out, D], i.e. the weight layout [C_out, C_in/groups, KH, KW] per split.
-    The factor c_i is applied while G is loaded (cast back to the operand dtype: one rounding,
-    as in any half-precision GEMM); rows with c_i == 0 are masked in both operands.
+    The factor c_i is applied in fp32 while G is loaded and the product stays fp32, with both
+    operands of the dot fp32 ("ieee" or "tf32x3"): rounding c_i * G back to a half dtype would
+    change example i's contribution in a way the norm pass never sees (see the Linear kernel).
+    Rows with c_i == 0 are masked in both operands.
     """
     pid_gp = tl.program_id(0)
     pid_d = tl.program_id(1)

@@ -30,8 +30,8 @@ Math (shared/DESIGN.md, section 1):
   Fixed row order inside a program and a fixed sort: reruns agree bit for bit.
 
 Precision: dots accumulate in fp32; fp32 operands use ``DOT_PRECISION`` ("ieee" by default,
-as for Linear). The one-hot operand is exact in every dtype; c_i * g is cast back to the
-operand dtype before the dot (one rounding, as in any half-precision GEMM).
+as for Linear). In the clipped sum c_i * g stays fp32 and the dot runs on fp32 operands (the
+one-hot operand is exact): rounding c_i * g to a half dtype could push a contribution past C.
 
 This module imports only triton; launch arithmetic lives in the ``*_spec`` functions below and
 is shared by the torch and JAX bindings.
