@@ -263,10 +263,17 @@ class TorchComm:
             dist.barrier(group=self.group)
 
     def destroy(self) -> None:
+        """Tear the group down together: a barrier first, because gloo aborts a process
+        ('terminate called without an active exception') when it destroys its group while a
+        peer is still closing its connections."""
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if dist.get_world_size() > 1:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 # ============================================================================ torch: gradient all-reduce

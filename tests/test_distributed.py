@@ -242,10 +242,10 @@ def _world_worker(out_dir: str, with_extras: bool) -> None:
         if with_extras:
             res["resnet"] = _resnet_volume(comm)
             res["cli"] = _cli(comm, out)
+        with open(out / f"rank{comm.rank}.pkl", "wb") as f:
+            pickle.dump(res, f)
     finally:
         comm.destroy()
-    with open(out / f"rank{comm.rank}.pkl", "wb") as f:
-        pickle.dump(res, f)
 
 
 _WORLDS: dict = {}
