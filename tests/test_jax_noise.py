@@ -12,9 +12,7 @@
   several steps; with noise it is (grad + std z) / normaliser with z from gaussian_noise, and it
   equals torch's add_noise_and_step bit for bit; jit with traced step / seed / lr never retraces.
 """
-import contextlib
 import math
-import os
 
 import numpy as np
 import pytest
@@ -32,6 +30,9 @@ from dpprims.bindings.jax import update as JU  # noqa: E402
 from dpprims.bindings.torch import noise as TN  # noqa: E402
 from dpprims.bindings.torch import update as TU  # noqa: E402
 from dpprims.kernels import noise as knoise  # noqa: E402
+from _paths import one_torch_thread, plain_torch_path  # noqa: E402,F401 (fixture import registers it)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # single-threaded torch, as before
 
 SEED = 0x5EED_1234_ABCD_0042
 INTERPRETED = _call._is_interpreted(knoise._gaussian_noise_kernel)
@@ -39,14 +40,6 @@ needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels are compiled 
                                   "the interpreter path cannot run")
 ON_CPU = jax.default_backend() == "cpu"
 cpu_only = pytest.mark.skipif(not ON_CPU, reason="bit-exactness with the torch CPU path needs JAX on the CPU")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -58,22 +51,8 @@ def libm(monkeypatch):
     return set_
 
 
-@contextlib.contextmanager
-def _torch_backend():
-    """torch ops on CPU tensors through their plain-torch implementation."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _torch_noise(n, **kw):
-    with _torch_backend():
+    with plain_torch_path():
         return TN.gaussian_noise(n, device="cpu", **kw).numpy()
 
 
@@ -109,7 +88,7 @@ def test_philox_known_answers(path):
 
 def test_philox_words_equal_torch_path(libm):
     ctr = np.random.default_rng(1).integers(0, 2**32, (4, 777), dtype=np.int64)
-    with _torch_backend():
+    with plain_torch_path():
         ref = TN.philox4x32_words(SEED, torch.from_numpy(ctr)).numpy()
     with jax.enable_x64(False):
         got = _on("jnp", JN.philox4x32_words, SEED, ctr)
@@ -208,7 +187,7 @@ def test_smallest_uniform_gives_z_max_on_every_path(path, lib, libm):
     libm(lib)
     words = _tail_words()
     z = _on(path, JN.normal_pair_from_words, words).astype(np.float64)
-    with _torch_backend():
+    with plain_torch_path():
         ref = TN.normal_pair_from_words(torch.from_numpy(words)).double().numpy()
     if lib == "numpy":
         _eq(z, ref, f"{path} vs torch path")
@@ -431,7 +410,7 @@ def test_jnp_interpreter_and_torch_agree_bit_for_bit(case, dtype, libm):
     ref_p = [torch.nn.Parameter(torch.from_numpy(np.array(p.astype(jnp.float32))).to(tdt))
              for p in jax.tree.leaves(params)]
     state, ref_g = {}, []
-    with _torch_backend():
+    with plain_torch_path():
         for t in (1, 2, 3):
             for q, g in zip(ref_p, jax.tree.leaves(grads[t])):
                 q.grad = torch.from_numpy(np.array(g.astype(jnp.float32))).to(tdt)
@@ -470,7 +449,7 @@ def test_jit_traces_once_with_traced_step_seed_and_lr(libm):
         with J.use_path("jnp"):
             p_j, s_j = step_fn(p_j, grads[t], s_j, JN.as_seed_array(SEED), jnp.asarray([t], jnp.int32),
                                jnp.float32(lr))
-        with _torch_backend():
+        with plain_torch_path():
             for q, g in zip(ref_p, jax.tree.leaves(grads[t])):
                 q.grad = torch.from_numpy(np.array(g))
             TU.add_noise_and_step(ref_p, state=state, noise_std=1.1, normaliser=3.0, seed=SEED, step=t,

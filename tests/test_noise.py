@@ -4,9 +4,7 @@ reach beyond tl.randn's 5.68, RNG layout (uniqueness, determinism) and the trunc
 The kernel path runs on ``device`` (CUDA, or CPU through Triton's interpreter); the plain-torch path
 runs on CPU with TRITON_INTERPRET switched off for the call (``_torch_backend``).
 """
-import contextlib
 import math
-import os
 
 import numpy as np
 import pytest
@@ -15,35 +13,15 @@ from scipy import stats
 
 from dpprims import noise as nz
 from dpprims.bindings.torch import noise as N
+from _paths import one_torch_thread, plain_torch_path  # noqa: E402,F401 (fixture import registers it)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # single-threaded torch, as before
 
 SEED = 0x5EED_1234_ABCD_0042
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # torch int64 kernels on a loaded 2-core box are much faster single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def _torch_backend():
-    """Run dpprims ops on CPU tensors through their plain-torch implementation."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def _torch_noise(n, **kw):
-    with _torch_backend():
+    with plain_torch_path():
         return N.gaussian_noise(n, device="cpu", **kw)
 
 
@@ -68,7 +46,7 @@ def test_philox_known_answers(ctr, key, expected, device):
 def test_philox_words_torch_equals_kernel(device):
     g = torch.Generator().manual_seed(1)
     ctr = torch.randint(0, 2**32, (4, 777), dtype=torch.int64, generator=g)
-    with _torch_backend():
+    with plain_torch_path():
         ref = N.philox4x32_words(SEED, ctr)
     got = N.philox4x32_words(SEED, ctr.to(device)).cpu()
     assert torch.equal(got, ref)
@@ -116,7 +94,7 @@ def test_bf16_output_rounds_to_nearest_even(device):
         torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
         return
     assert torch.equal(got, ref)
-    with _torch_backend():
+    with plain_torch_path():
         assert torch.equal(N.noisy_grads([_with_grad(x)], noise_std=0.7, normaliser=3.0, seed=SEED, step=2)[0], ref)
 
 

@@ -2,7 +2,6 @@
 torch.optim semantics with std = 0, the noise equals the standalone noise op's with std > 0,
 torch path == kernel path, outputs poisoned with NaN, the user helper's checks."""
 import contextlib
-import os
 
 import pytest
 import torch
@@ -10,6 +9,9 @@ import torch
 from dpprims import noise as nz
 from dpprims.bindings.torch import noise as N
 from dpprims.bindings.torch import update as U
+from _paths import one_torch_thread, plain_torch_path  # noqa: E402,F401 (fixture import registers it)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # single-threaded torch, as before
 
 SEED = 987654321987654321
 N_ELEM = 1237
@@ -34,27 +36,6 @@ def _tol(device, dtype=torch.float32):
     if dtype == torch.bfloat16 and device != "cpu":
         return dict(rtol=1e-2, atol=1e-2)
     return dict(rtol=2e-6, atol=2e-6) if device == "cpu" else dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def _torch_backend():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def _params(device, shapes=((N_ELEM,), (3, 7)), seed=0):
@@ -134,7 +115,7 @@ def test_torch_path_equals_kernel(case, dtype, device):
         dev = device if backend == "kernel" else "cpu"
         params = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params(dev)]
         state, outs = {}, []
-        ctx = _torch_backend() if backend == "torch" else contextlib.nullcontext()
+        ctx = plain_torch_path() if backend == "torch" else contextlib.nullcontext()
         with ctx:
             for step in (1, 2, 3):
                 for p, g in zip(params, _grads(params, step)):
