@@ -38,7 +38,7 @@ import torch
 from dpprims.bindings.torch import _backend
 from dpprims.bindings.torch.linear import check_max_grad_norm, clip_factors
 
-from .handlers import handler_for
+from .handlers import HANDLERS, handler_for
 
 _BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 _NORM_METHODS = ("auto", "ghost", "direct")
@@ -99,8 +99,7 @@ class DPEngine:
         self.last_stats: dict = {}
 
     # -- construction ----------------------------------------------------------------------
-    @staticmethod
-    def _build_handlers(model: torch.nn.Module) -> list:
+    def _build_handlers(self, model: torch.nn.Module) -> list:
         handlers, owner = [], {}
         for name, module in model.named_modules():
             label = name or "<root>"
@@ -133,7 +132,7 @@ class DPEngine:
                         f"DPEngine: parameter {label}.{n} is the same tensor as {owner[id(p)]} (tied "
                         "weights); per-example norms of tied parameters are not supported yet.")
                 owner[id(p)] = f"{label}.{n}"
-            handlers.append(cls(name, module, None))
+            handlers.append(cls(name, module, self))
         if not handlers:
             raise ValueError("DPEngine: the model has no trainable parameters")
         return handlers
@@ -158,13 +157,13 @@ class DPEngine:
         ``loss``: per-example losses [B], or a scalar (see ``loss_reduction``).
         ``mask``: optional [B] (bool or 0/1); 0 marks padding rows that contribute nothing.
         """
-        for h in self.handlers:
-            h.engine = self
         total, per_example_B, mean = self._total_loss(loss)
         total.backward()
         try:
-            Bs = {h.name: h.batch_size() for h in self.handlers}
-            present = {n: b for n, b in Bs.items() if b is not None}
+            # layers whose backward ran this step (a layer outside the loss's graph has none)
+            active = [(h, h.batch_size()) for h in self.handlers]
+            active = [(h, b) for h, b in active if b is not None]
+            present = {h.name: b for h, b in active}
             if not present:
                 raise RuntimeError("DPEngine.backward: no DP layer took part in this loss's backward "
                                    "(was the forward run under torch.no_grad, or with another model?)")
@@ -176,9 +175,8 @@ class DPEngine:
             scale = float(B) if mean else 1.0
             device = next(self.model.parameters()).device
             sq = torch.zeros(B, device=device, dtype=torch.float32)
-            for h in self.handlers:
-                if h.batch_size() is not None:
-                    sq = sq + h.sq_norms(B)
+            for h, _ in active:
+                sq = sq + h.sq_norms(B)
             if scale != 1.0:
                 sq = sq * (scale * scale)
             if mask is not None:
@@ -188,9 +186,8 @@ class DPEngine:
             C = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
             c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma)
             c_eff = c * scale if scale != 1.0 else c
-            for h in self.handlers:
-                if h.batch_size() is not None:
-                    h.accumulate_clipped(c_eff)
+            for h, _ in active:
+                h.accumulate_clipped(c_eff)
             # Step statistics stay on the device (no host sync per physical batch); callers
             # read them with int(...) when they log.
             valid = torch.ones(B, dtype=torch.bool, device=device) if mask is None else (mask != 0)
@@ -270,5 +267,4 @@ def _detect_mean(loss: torch.Tensor) -> bool:
 
 
 def _supported_names() -> list:
-    from .handlers import HANDLERS
     return sorted({t.__name__ for h in HANDLERS for t in h.module_types})
