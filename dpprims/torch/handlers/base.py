@@ -36,6 +36,7 @@ class Capture:
 class LayerState:
     captures: list = field(default_factory=list)
     capturing: bool = True
+    step_cache: dict = field(default_factory=dict)
 
     def add(self, saved: tuple) -> Capture:
         cap = Capture(saved)
@@ -47,8 +48,17 @@ class LayerState:
         output gradient: that call contributes nothing and is dropped)."""
         return [c for c in self.captures if c.grad_out is not None]
 
+    def memo(self, key: str, fn):
+        """``fn()`` computed once per step: ``sq_norms`` and ``accumulate_clipped`` of one
+        backward share what both need (e.g. the calls of a shared layer combined along T).
+        Cleared with the captures."""
+        if key not in self.step_cache:
+            self.step_cache[key] = fn()
+        return self.step_cache[key]
+
     def clear(self) -> None:
         self.captures.clear()
+        self.step_cache.clear()
 
 
 class LayerHandler:

@@ -136,7 +136,20 @@ class ConvHandler(LayerHandler):
 
     def _unfolded_pairs(self, calls) -> tuple[torch.Tensor, torch.Tensor]:
         """Several calls: (U [B, sum T, C_in*k], G [B, sum T, C_out]) over all calls' positions
-        (materialised: the fused kernels read one input tensor)."""
+        (materialised: the fused kernels read one input tensor), once per step."""
+        return self.state.memo("unfolded", lambda: self._unfold_calls(calls))
+
+    def _bias_grads(self, calls) -> torch.Tensor:
+        """Per-example bias gradients [B, C_out], summed over the calls, once per step."""
+        def compute():
+            bg = ops.conv2d_bias_grads(calls[0][1])
+            for _, G, _ in calls[1:]:
+                bg = bg + ops.conv2d_bias_grads(G)
+            return bg
+
+        return self.state.memo("bias_grads", compute)
+
+    def _unfold_calls(self, calls) -> tuple[torch.Tensor, torch.Tensor]:
         Us, Gs = [], []
         for x, G, lo in calls:
             geo, x4, G4 = ops.conv_geometry(x, G, *self._conv_args(lo))
@@ -166,10 +179,7 @@ class ConvHandler(LayerHandler):
                     total = total + lin_ops.linear_weight_sq_norms(
                         U[:, :, g * D:(g + 1) * D], Gc[:, :, g * P:(g + 1) * P], lmethod, prec)
         if m.bias is not None and m.bias.requires_grad:
-            bg = ops.conv2d_bias_grads(calls[0][1])
-            for _, G, _ in calls[1:]:
-                bg = bg + ops.conv2d_bias_grads(G)
-            total = total + bg.square().sum(dim=1)
+            total = total + self._bias_grads(calls).square().sum(dim=1)
         costs = conv_norm_flops(T, D, P, groups)
         esize = calls[0][0].element_size()
         io = sum(x.numel() + G.numel() for x, G, _ in calls) * esize
@@ -196,7 +206,4 @@ class ConvHandler(LayerHandler):
                          for g in range(geo.groups)]
                 add_grad(m.weight, torch.cat(parts, dim=0))
         if m.bias is not None and m.bias.requires_grad:
-            bg = ops.conv2d_bias_grads(calls[0][1])
-            for _, G, _ in calls[1:]:
-                bg = bg + ops.conv2d_bias_grads(G)
-            add_grad(m.bias, ops.clipped_rows_sum(bg, c))
+            add_grad(m.bias, ops.clipped_rows_sum(self._bias_grads(calls), c))

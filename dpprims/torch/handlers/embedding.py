@@ -87,10 +87,12 @@ class EmbeddingHandler(LayerHandler):
 
     def _pairs(self):
         """(ids [B, T], G [B, T, p]) combined over the calls of this forward (concatenated along
-        T: the per-example gradient is the sum over calls)."""
-        caps = self.state.completed()
+        T: the per-example gradient is the sum over calls), once per step."""
+        return self.state.memo("pairs", self._combine)
+
+    def _combine(self):
         ids, Gs = [], []
-        for cap in caps:
+        for cap in self.state.completed():
             i, g = cap.saved[0], cap.grad_out
             T = math.prod(i.shape[1:])  # explicit: reshape(B, -1) cannot infer T when B = 0
             ids.append(i.reshape(i.shape[0], T))

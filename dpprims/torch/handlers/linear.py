@@ -6,6 +6,8 @@ always the example dimension.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,14 +56,14 @@ class LinearHandler(LayerHandler):
             return _DPLinearFn.apply(x, weight, bias, capture)
 
     def _pairs(self):
-        """(A [B, T, d], G [B, T, p]) combined over the calls of this forward."""
-        caps = self.state.completed()
+        """(A [B, T, d], G [B, T, p]) combined over the calls of this forward (once per step)."""
+        return self.state.memo("pairs", self._combine)
+
+    def _combine(self):
         As, Gs = [], []
-        for cap in caps:
+        for cap in self.state.completed():
             a, g = cap.saved[0], cap.grad_out
-            T = 1
-            for n in a.shape[1:-1]:
-                T *= n
+            T = math.prod(a.shape[1:-1])  # explicit: reshape(B, -1, d) cannot infer T when B = 0
             As.append(a.reshape(a.shape[0], T, a.shape[-1]))
             Gs.append(g.reshape(g.shape[0], T, g.shape[-1]).to(a.dtype))
         if len(As) == 1:

@@ -24,7 +24,6 @@ several times in one forward sums its per-example gradients over the calls.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from dpprims.bindings.torch import norm_affine as ops
 from dpprims.kernels.norm_affine import norm_affine_flops
 
-from .base import Capture, LayerHandler, LayerState, add_grad
+from .base import Capture, LayerHandler, add_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -64,18 +63,6 @@ def _memory_format(x: torch.Tensor):
             if x.dim() == ndim and x.is_contiguous(memory_format=fmt):
                 return fmt
     return torch.contiguous_format
-
-
-@dataclass
-class _NormState(LayerState):
-    """LayerState plus the [B, 2, C] per-example affine gradients of the current backward,
-    computed once by ``sq_norms`` and reduced by ``accumulate_clipped`` (cleared with the rest)."""
-
-    per_example: torch.Tensor | None = None
-
-    def clear(self) -> None:
-        super().clear()
-        self.per_example = None
 
 
 class _DPGroupNormFn(torch.autograd.Function):
@@ -139,16 +126,15 @@ class _DPLayerNormFn(torch.autograd.Function):
 class _NormHandler(LayerHandler):
     """Shared engine side of GroupNorm / LayerNorm: per-example gradients, norms, clipped sums."""
 
-    def __init__(self, name, module, engine) -> None:
-        super().__init__(name, module, engine)
-        self.state = _NormState()
-
     def _affine_grads(self, cap: Capture):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _per_example(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 2, C] fp32 per-example (dweight, dbias), summed over this forward's calls, and
-        the squared norms [B, 2]; cached on the state until the engine clears it."""
+        the squared norms [B, 2]; computed once per step (sq_norms and accumulate_clipped)."""
+        return self.state.memo("per_example", self._compute_per_example)
+
+    def _compute_per_example(self) -> tuple[torch.Tensor, torch.Tensor]:
         caps = self.state.completed()
         pe, sq = self._affine_grads(caps[0])
         positions = self._positions(caps[0])
@@ -157,7 +143,6 @@ class _NormHandler(LayerHandler):
                 pe = pe + self._affine_grads(cap)[0]
                 positions += self._positions(cap)
             sq = pe.pow(2).sum(dim=2)
-        self.state.per_example = pe
         B, _, C = pe.shape
         costs = norm_affine_flops(positions, C)
         elt = caps[0].saved[0].element_size()
@@ -181,9 +166,7 @@ class _NormHandler(LayerHandler):
         return total
 
     def accumulate_clipped(self, c: torch.Tensor) -> None:
-        pe = self.state.per_example
-        if pe is None:
-            pe, _ = self._per_example()
+        pe, _ = self._per_example()
         dw, db = ops.norm_affine_clipped_grads(pe, c)
         m = self.module
         if m.weight is not None and m.weight.requires_grad:
