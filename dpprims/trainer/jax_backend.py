@@ -91,7 +91,7 @@ class JaxBackend:
         def clip_step(params, acc, x, y, mask):
             grads, norms, aux = dpj.clipped_grad(self.loss_fn, params, (x, y), max_grad_norm=C, mask=mask,
                                                  clipping=clipping, norm_method=norm_method, return_aux=True)
-            acc = grads if acc is None else jax.tree_util.tree_map(jnp.add, acc, grads)
+            acc = jax.tree_util.tree_map(jnp.add, acc, grads)
             losses = jnp.where(mask, aux["losses"].astype(jnp.float32), 0.0)
             return acc, jnp.sum(losses), aux["nonfinite"]
 
@@ -112,8 +112,7 @@ class JaxBackend:
             self.mesh = data_mesh(jax.devices()[:self.devices])
             self._sharded = make_sharded_clipped_sum(self.loss_fn, self.mesh, max_grad_norm=C, clipping=clipping,
                                                      norm_method=norm_method)
-        self._clip_first = jax.jit(lambda p, x, y, m: clip_step(p, None, x, y, m))
-        self._clip_more = jax.jit(clip_step)
+        self._clip = jax.jit(clip_step)
         hyper = dict(noise_std=float(plan.noise_std), normaliser=float(plan.normaliser), optimizer=optimizer,
                      lr=float(lr), momentum=momentum, weight_decay=float(weight_decay), betas=tuple(betas),
                      eps=float(eps), rank=self.rank)
@@ -153,16 +152,21 @@ class JaxBackend:
         xb = self._prepare(x, self.channels_last)
         yb = jnp.asarray(np.asarray(y, dtype=np.int32))
         mb = jnp.asarray(np.asarray(mask, dtype=bool))
+        acc = self._sums()
         if self.devices > 1:
             sums, stats = self._sharded(self.params, (xb[None], yb[None]), mb[None])
-            self._acc = sums if self._acc is None else jax.tree_util.tree_map(jnp.add, self._acc, sums)
+            self._acc = jax.tree_util.tree_map(jnp.add, acc, sums)
             loss_sum, nonfinite = stats["loss_sum"], stats["nonfinite"]
-        elif self._acc is None:
-            self._acc, loss_sum, nonfinite = self._clip_first(self.params, xb, yb, mb)
         else:
-            self._acc, loss_sum, nonfinite = self._clip_more(self.params, self._acc, xb, yb, mb)
+            self._acc, loss_sum, nonfinite = self._clip(self.params, acc, xb, yb, mb)
         self._stats["nonfinite"] += int(nonfinite)
         return float(loss_sum), int(np.asarray(mask).sum())
+
+    def _sums(self):
+        """The clipped sums of the current logical batch (zeros before its first physical batch)."""
+        if self._acc is None:
+            self._acc = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+        return self._acc
 
     def noisy_step(self, step: int) -> None:
         """g = (sum_i c_i g_i + sigma*C*z) / (q*N), then the optimizer step; ``step`` is 0-based
@@ -170,8 +174,7 @@ class JaxBackend:
         the clipped sums exist (zeros for an empty logical batch) and are noised."""
         from dpprims.bindings.jax.noise import as_seed_array, as_step_array
 
-        sums = self._acc if self._acc is not None else jax.tree_util.tree_map(jnp.zeros_like, self.params)
-        self.params, self.opt_state = self._update(self.params, sums, self.opt_state,
+        self.params, self.opt_state = self._update(self.params, self._sums(), self.opt_state,
                                                    as_seed_array(self.noise_seed), as_step_array(step + 1))
         self._acc = None
 
