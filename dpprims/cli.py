@@ -148,10 +148,12 @@ def train(args) -> dict:
         print(f"  plan: q={s['sample_rate']:.4g} (expected batch {s['expected_batch_size']:g}), {s['steps']} steps "
               f"({s['epochs']:.2f} epochs), sigma={s['noise_multiplier']:.4g}, C={s['max_grad_norm']:g}, "
               f"target epsilon={s['epsilon']:.3f} at delta={s['delta']:g} ({s['accountant']})", file=sys.stderr)
-    if args.framework == "torch":  # report the kernel paths of this run only
-        from dpprims.bindings.torch import _backend
-
-        _backend.LAST_BACKEND.clear()
+    # report the kernel paths of this run only (the records are process-global)
+    if args.framework == "torch":
+        from dpprims.bindings.torch._backend import LAST_BACKEND as paths
+    else:
+        from dpprims.bindings.jax import LAST_PATH as paths
+    paths.clear()
     result = trainer.fit()
     kernel_paths = sorted(set(getattr(backend, "kernel_paths", lambda: {})().values()))
     out = dict(framework=args.framework, model=args.model, data=data.name, steps=result.steps,

@@ -31,21 +31,20 @@ def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _dot_precision(x: torch.Tensor, precision: str) -> str:
-    """tl.dot precision of a NORM kernel: the user's choice for fp32 operands; half operands
-    multiply exactly in fp32 whatever the setting (Triton's default is passed)."""
-    if precision not in _DOT_PRECISIONS:
-        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS} (plain 'tf32' can let a "
-                         f"contribution exceed the clip norm), got {precision!r}")
-    return precision if x.dtype == torch.float32 else "tf32"
-
-
 def _sum_precision(precision: str) -> str:
     """tl.dot precision of a CLIPPED-SUM kernel: its operands are always fp32 (c_i * G must not
     be rounded to a half format), so the user's fp32 choice applies to every input dtype."""
     if precision not in _DOT_PRECISIONS:
-        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS}, got {precision!r}")
+        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS} (plain 'tf32' can let a "
+                         f"contribution exceed the clip norm), got {precision!r}")
     return precision
+
+
+def _dot_precision(x: torch.Tensor, precision: str) -> str:
+    """tl.dot precision of a NORM kernel: the user's choice for fp32 operands; half operands
+    multiply exactly in fp32 whatever the setting (Triton's default is passed)."""
+    precision = _sum_precision(precision)
+    return precision if x.dtype == torch.float32 else "tf32"
 
 
 def interpreter_safe(t: torch.Tensor, backend: str) -> torch.Tensor:
