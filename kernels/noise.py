@@ -19,10 +19,10 @@ import triton.language as tl
 
 from ._launch import LaunchSpec, block, cdiv
 
-_TWO_M32: tl.constexpr = 2.3283064365386963e-10  # 2^-32
-_LN2_X32: tl.constexpr = 22.18070977791825  # 32 ln 2
-_TWO_PI_M24: tl.constexpr = 3.745070282923929e-07  # 2 pi / 2^24
-_HALF_TURN: tl.constexpr = 8388608  # 2^23
+_TWO_M32 = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+_LN2_X32 = tl.constexpr(22.18070977791825)  # 32 ln 2
+_TWO_PI_M24 = tl.constexpr(3.745070282923929e-07)  # 2 pi / 2^24
+_HALF_TURN = tl.constexpr(8388608)  # 2^23
 
 # indices into the fp32 scalar array shared with kernels/update.py
 SCAL_STD = 0
