@@ -231,6 +231,8 @@ class DPOptimizer:
         if core.open_step is None or core.current is None:
             raise RuntimeError("DPOptimizer.step: no open logical batch (take batches from the PoissonLoader)")
         if not core.backward_done:
+            for h in self.engine.handlers:  # drop what a plain loss.backward() left in the DP layers
+                h.state.clear()
             raise RuntimeError(
                 "DPOptimizer.step: no clipped gradient for this physical batch. Call optimizer.backward(loss) with "
                 "per-example losses (reduction='none') instead of loss.backward(): the DP layers compute no "
