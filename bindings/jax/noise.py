@@ -81,12 +81,13 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _U32 = jnp.uint32
 _F32 = jnp.float32
 # fp32 constants exactly as the kernel rounds its Python-float constexprs
-_TWO_M32 = np.float32(_k._TWO_M32)
-_TWO_PI_M24 = np.float32(_k._TWO_PI_M24)
-_HALF_TURN = int(_k._HALF_TURN)
+_kv = lambda c: getattr(c, "value", c)  # noqa: E731 - the kernel module's tl.constexpr constants
+_TWO_M32 = np.float32(_kv(_k._TWO_M32))
+_TWO_PI_M24 = np.float32(_kv(_k._TWO_PI_M24))
+_HALF_TURN = int(_kv(_k._HALF_TURN))
 # k * 32 ln 2 for k = 0..3, each rounded like the kernel's fp32 product k * _LN2_X32 (a table, so
 # XLA cannot contract the product into the subtraction that follows)
-_K_LN2_X32 = tuple(np.float32(k) * np.float32(_k._LN2_X32) for k in range(4))
+_K_LN2_X32 = tuple(np.float32(k) * np.float32(_kv(_k._LN2_X32)) for k in range(4))
 
 
 # ----------------------------------------------------------------------------- fp32 exactness
