@@ -217,6 +217,7 @@ def test_extension_word_path_equals_torch(monkeypatch, libm):
 
     monkeypatch.setattr(JN, "philox4x32_10", forced(JN.philox4x32_10, jnp))
     monkeypatch.setattr(TN, "_philox4x32_10", forced(TN._philox4x32_10, torch))
+    monkeypatch.setenv("DPPRIMS_NOISE_CPU", "0")  # the plain-torch Philox (patched); numba's: test_noise.py
     n, off, step, rank = 301, 2**32 - 50, 9, 3
     ref = _torch_noise(n, std=1.0, seed=SEED, step=step, pair_offset=off, rank=rank)
     z = jax.jit(lambda: JN._noise_z.__wrapped__(JN.as_seed_array(SEED), JN.as_step_array(step),

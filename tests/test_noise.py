@@ -4,6 +4,7 @@ reach beyond tl.randn's 5.68, RNG layout (uniqueness, determinism) and the trunc
 The kernel path runs on ``device`` (CUDA, or CPU through Triton's interpreter); the plain-torch path
 runs on CPU with TRITON_INTERPRET switched off for the call (``_torch_backend``).
 """
+import contextlib
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from scipy import stats
 
 from dpprims import noise as nz
+from dpprims import noise_cpu as ncpu
 from dpprims.bindings.torch import noise as N
 from _paths import one_torch_thread, plain_torch_path  # noqa: E402,F401 (fixture import registers it)
 
@@ -121,6 +123,96 @@ def test_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.dpprims.add_gaussian_noise_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- CPU generator (numba)
+needs_numba = pytest.mark.skipif(not ncpu.available(), reason="numba is not installed: no fast CPU generator")
+
+
+@contextlib.contextmanager
+def _eager_torch(monkeypatch):
+    """The plain int64-torch generator (what runs without numba)."""
+    with plain_torch_path(), monkeypatch.context() as m:
+        m.setenv("DPPRIMS_NOISE_CPU", "0")
+        yield
+
+
+@needs_numba
+@pytest.mark.parametrize("n,pair_offset,step,rank", [
+    (41, 2**32 - 7, 3, 2),  # the pair index carries into counter word c1 inside the draw
+    (2 * ncpu.CHUNK_PAIRS + 3, 2**32 - ncpu.CHUNK_PAIRS - 5, 77, 0),  # chunk ends, carry mid-chunk
+    (4 * ncpu.CHUNK_PAIRS + 1, 2**62 + 12345, 2**31 - 1, 2**20 - 1),
+], ids=["n41-carry", "2chunks-carry", "4chunks-maxstep"])
+def test_cpu_generator_equals_plain_torch_and_kernel(n, pair_offset, step, rank, device, monkeypatch):
+    """dpprims.noise_cpu (numba Philox + numpy libm) == the plain-torch generator, bit for bit, at
+    chunk boundaries and across the c0 -> c1 carry; == the kernel on the small case (interpreter:
+    bit for bit)."""
+    kw = dict(std=1.0, seed=SEED, step=step, pair_offset=pair_offset, rank=rank)
+    z = _torch_noise(n, **kw)
+    with _eager_torch(monkeypatch):
+        ref = N.gaussian_noise(n, device="cpu", **kw)
+    assert torch.equal(z, ref), (z - ref).abs().max()
+    if n < 100:
+        z_kernel = N.gaussian_noise(n, device=device, **kw).cpu()
+        if device == "cpu":
+            assert torch.equal(z_kernel, z)
+        else:
+            torch.testing.assert_close(z_kernel, z, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_cpu_generator_extension_path(monkeypatch):
+    """The extension word (w0 == w1 == 0: probability 2^-64, never seen naturally) forced for every
+    4th pair in both CPU generators (numba's test hook; the plain-torch Philox patched): equal bit for
+    bit, and the forced pairs reach beyond the 64-bit-uniform radius only through x0."""
+    def philox(c0, c1, c2, c3, k0, k1):
+        w0, w1, w2, w3 = orig(c0, c1, c2, c3, k0, k1)
+        force = ((c0 & 3) == 0) & ((c3 & 1) == 0)
+        return torch.where(force, 0, w0), torch.where(force, 0, w1), w2, w3
+
+    orig = N._philox4x32_10
+    n, off = 2 * ncpu.CHUNK_PAIRS + 301, 2**32 - 50
+    kw = dict(std=1.0, seed=SEED, step=9, pair_offset=off, rank=3)
+    monkeypatch.setattr(ncpu, "_FORCE_EXTENSION", (3, 0))
+    z = _torch_noise(n, **kw)
+    monkeypatch.setattr(N, "_philox4x32_10", philox)
+    with _eager_torch(monkeypatch):
+        ref = N.gaussian_noise(n, device="cpu", **kw)
+    assert torch.equal(z, ref)
+    pairs = np.arange(n // 2) + off
+    rho = np.hypot(z[0:n - 1:2].numpy(), z[1:n:2].numpy())
+    forced = (pairs & 3) == 0
+    assert (rho[forced] >= nz.Z_MAX_U64 * (1 - 1e-6)).all() and (rho[~forced] < nz.Z_MAX_U64).all()
+
+
+@needs_numba
+def test_cpu_generator_diagnostics_equal_plain_torch(monkeypatch):
+    """philox4x32_words / normal_pair_from_words on the torch path (numba) == the plain-torch
+    versions, on random words and on words at every leading-zero position (the extreme tail)."""
+    g = torch.Generator().manual_seed(5)
+    ctr = torch.randint(0, 2**32, (4, 1001), dtype=torch.int64, generator=g)
+    words = torch.randint(0, 2**32, (5, 1001), dtype=torch.int64, generator=g)
+    for k in range(1, 4):  # k leading zero words in columns k, k+4, k+8, ...
+        words[:k, k::4] = 0
+    words[:, 0] = torch.tensor([0, 0, 0, 2**31, 0])  # u = 2^-128: z0 = Z_MAX
+    with plain_torch_path():
+        got_w, got_z = N.philox4x32_words(SEED, ctr), N.normal_pair_from_words(words)
+    with _eager_torch(monkeypatch):
+        ref_w, ref_z = N.philox4x32_words(SEED, ctr), N.normal_pair_from_words(words)
+    assert torch.equal(got_w, ref_w)
+    assert torch.equal(got_z, ref_z)
+    assert got_z[0, 0] == pytest.approx(nz.Z_MAX, rel=2e-6)
+
+
+def test_cpu_generator_rejects_bad_arguments():
+    if not ncpu.available():
+        pytest.skip("numba is not installed")
+    with pytest.raises(ValueError, match="stream_word"):
+        ncpu.gaussian_noise(4, 1, 2, 3, nz.stream_word(0) | 1, 0)
+    with pytest.raises(ValueError, match="2\\^63"):
+        ncpu.gaussian_noise(4, 1, 2, 3, nz.stream_word(0), 2**63 - 1)
+    with pytest.raises(ValueError, match="float32"):
+        ncpu.gaussian_noise(4, 1, 2, 3, nz.stream_word(0), 0, out=np.empty(4, np.float64))
 
 
 # ----------------------------------------------------------------------------- extreme tail

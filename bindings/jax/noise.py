@@ -56,6 +56,7 @@ import numpy as np
 from jax import lax
 
 from dpprims import noise as _nz
+from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import noise as _k
 
 from ._call import KernelCall, launch, nondifferentiable, record
@@ -111,11 +112,15 @@ def div_rn(a, s):
 
 
 def _libm() -> str:
+    """The resolved LIBM: "xla", "numpy", or "host" (= numpy with ``dpprims.noise_cpu`` available:
+    the whole generator in one host callback, the same numbers ~10x faster than XLA's Philox)."""
     p = str(LIBM).strip().lower()
     if p not in LIBMS:
         raise ValueError(f"dpprims.bindings.jax.noise.LIBM must be one of {LIBMS}, got {LIBM!r}")
     if p == "auto":
-        return "numpy" if jax.default_backend() == "cpu" else "xla"
+        p = "numpy" if jax.default_backend() == "cpu" else "xla"
+    if p == "numpy" and _ncpu.available():
+        return "host"
     return p
 
 
@@ -272,6 +277,8 @@ def noise_words(pair_offset: int, rank: int):
 
 @functools.partial(jax.jit, static_argnames=("n", "libm"))
 def _noise_z(seed, step, words, *, n: int, libm: str):
+    if libm == "host":
+        return _noise_z_host(seed, step, words, n)
     n_pairs = (n + 1) // 2
     k0, k1 = _seed_u32(seed)
     c2 = lax.bitcast_convert_type(step.reshape(1)[0].astype(jnp.int32), _U32)
@@ -290,6 +297,19 @@ def _noise_z(seed, step, words, *, n: int, libm: str):
     x0 = lax.cond(jnp.any(need), extension, lambda _: jnp.zeros_like(w0), None)
     z0, z1 = normal_pair_from_words_jnp(w0, w1, w2, w3, x0, libm=libm)
     return jnp.stack([z0, z1], axis=-1).reshape(-1)[:n]  # element 2j <- z0[j], 2j+1 <- z1[j]
+
+
+def _noise_z_host(seed, step, words, n: int):
+    """_noise_z through ``dpprims.noise_cpu`` (numba Philox + numpy's float32 libm, as the torch plain
+    path): one ``pure_callback``, bit for bit the interpreter's kernel."""
+
+    def host(seed, step, words):
+        k0, k1 = (int(w) & _M32 for w in np.asarray(seed).reshape(-1)[:2])
+        st = int(np.asarray(step).reshape(-1)[0]) & _M32
+        w = [int(x) for x in np.asarray(words).reshape(-1)[:3]]
+        return _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32))
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((n,), _F32), seed, step, words, vmap_method="sequential")
 
 
 # ----------------------------------------------------------------------------- the op

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dpprims import noise as _nz
+from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import noise as _k
 
 from ._backend import record
@@ -123,10 +124,18 @@ def _seed_ints(seed: Tensor) -> tuple[int, int]:
 
 
 def gaussian_noise_torch(n: int, seed: Tensor, step: Tensor, pair_offset: int, rank: int) -> Tensor:
-    """z (fp32 [n], on seed's device) computed with plain torch: the same numbers as the kernel."""
+    """z (fp32 [n], on seed's device) computed without Triton: the same numbers as the kernel.
+
+    On CPU with numba installed this is ``dpprims.noise_cpu`` (vectorised Philox + numpy's float32
+    libm, about torch.randn's speed); otherwise plain int64 torch arithmetic (``_philox4x32_10``,
+    30-50x slower). Both equal the interpreter's kernel bit for bit (tests/test_noise.py)."""
     device = seed.device
     k0, k1 = _seed_ints(seed)
     step_i = int(step.reshape(-1)[0].item()) & _M32
+    if device.type == "cpu" and _ncpu.available():
+        out = torch.empty(n, dtype=torch.float32)
+        _ncpu.gaussian_noise(n, k0, k1, step_i, _nz.stream_word(rank), pair_offset, out=out.numpy())
+        return out
     word3 = _nz.stream_word(rank)
     n_pairs = (n + 1) // 2
     out = torch.empty(2 * n_pairs, dtype=torch.float32, device=device)
@@ -282,6 +291,9 @@ def philox4x32_words(seed, counters: Tensor) -> Tensor:
     seed_t = as_seed_tensor(seed, counters.device)
     if record("philox4x32_words", counters) == "torch":
         k0, k1 = _seed_ints(seed_t)
+        if counters.device.type == "cpu" and _ncpu.available():
+            ctr = (counters & _M32).numpy().astype(np.uint32)
+            return torch.from_numpy(_ncpu.philox_words(*ctr, k0, k1).astype(np.int64))
         return torch.stack(_philox4x32_10(*(counters[i] & _M32 for i in range(4)), k0, k1))
     ctr32 = (counters & _M32).to(torch.int64)
     ctr32 = torch.where(ctr32 >= 2**31, ctr32 - 2**32, ctr32).to(torch.int32).contiguous()
@@ -298,6 +310,8 @@ def normal_pair_from_words(words: Tensor) -> Tensor:
     words = words.to(torch.int64) & _M32
     n = words.shape[1]
     if record("normal_pair_from_words", words) == "torch":
+        if words.device.type == "cpu" and _ncpu.available():
+            return torch.from_numpy(_ncpu.normal_pairs_from_words(words.numpy().astype(np.uint32)))
         return torch.stack(_normal_pair_from_words_torch(*(words[i] for i in range(5))))
     w32 = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
     out = torch.full((2, n), float("nan"), dtype=torch.float32, device=words.device)

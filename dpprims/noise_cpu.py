@@ -1,0 +1,152 @@
+"""dpprims' Gaussian noise generator on a CPU: numpy + numba, the kernel's numbers bit for bit.
+
+The generator, its RNG contract and its tail guarantee are those of :mod:`dpprims.noise` (Philox4x32-10,
+128-bit uniform, Box-Muller, |z| <= sqrt(256 ln 2) = 13.3209); this module only evaluates it fast on a
+CPU, for the torch plain path (``dpprims.bindings.torch.noise`` / ``.update``) and the JAX jnp path on
+a CPU (``dpprims.bindings.jax.noise``, through one ``jax.pure_callback``). Framework-neutral: imports
+numpy, and numba when installed.
+
+Per chunk of pairs (``CHUNK_PAIRS``, sized for the L2 cache):
+
+1. ``_prep`` (numba, one vectorised loop): the Philox words of each pair (32 x 32 -> 64-bit products
+   in uint64, exact), the word selection of kernels/noise.py::_normal_pair_from_words, and from it the
+   fp32 values v, theta and k * 32 ln 2 - the kernel's operations in the kernel's order, IEEE fp32,
+   no FMA contraction (numba's default, fastmath off);
+2. numpy's float32 ``log(v)``, ``cos(theta)``, ``sin(theta)`` - the very ufuncs Triton's interpreter
+   evaluates ``tl.log`` / ``tl.cos`` / ``tl.sin`` with, so the result equals the interpreter's bit
+   for bit (numba's own log/cos/sin would not);
+3. ``_finish`` (numba): rho = sqrt(max(2 (k 32 ln 2 - log v), 0)) (IEEE sqrt, = ``tl.sqrt_rn``),
+   z0 = rho cos theta, z1 = rho sin theta, interleaved (element 2j <- z0 of pair j, 2j+1 <- z1).
+
+The fourth word of u (first word x0 of the extension block, counter word 3 | 1) matters only when
+w0 == w1 == 0 (probability 2^-64 per pair). Step 1 flags those pairs and counts them; for a nonzero
+count :func:`_fix_extension` recomputes exactly those pairs with x0 (Philox of the extension counter
+and the same word selection), so no branch slows the common loop and the rare case stays exact.
+
+Without numba, :func:`available` is False and callers use their own framework path (the same numbers,
+about 30-50x slower): nothing here is required for correctness.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from dpprims import noise as _nz
+
+log = logging.getLogger("dpprims")
+
+__all__ = ["available", "gaussian_noise", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
+
+CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
+
+_M32 = 0xFFFFFFFF
+_PHILOX_A, _PHILOX_B = 0xD2511F53, 0xCD9E8D57  # round multipliers (Triton's philox_impl)
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+# fp32 constants exactly as the kernel rounds its Python-float constexprs (kernels/noise.py)
+_TWO_M32 = np.float32(2.3283064365386963e-10)
+_TWO_PI_M24 = np.float32(3.745070282923929e-07)
+_HALF_TURN = 8388608
+_K_LN2 = tuple(np.float32(k) * np.float32(22.18070977791825) for k in range(4))  # fp32 k * (32 ln 2)
+
+_FORCE_EXTENSION = None  # tests only: (mask, value): pairs with (c0 & mask) == value get w0 = w1 = 0
+_jit = None  # the compiled functions, built on first use (numba imports in ~1 s; compiles are cached)
+
+
+def available() -> bool:
+    """True when numba is importable (then the fast CPU generator runs). ``DPPRIMS_NOISE_CPU=0``
+    switches it off (the framework paths then run: the same numbers, slower)."""
+    if os.environ.get("DPPRIMS_NOISE_CPU", "1").strip() == "0":
+        return False
+    return _compiled() is not None
+
+
+def _compiled():
+    global _jit
+    if _jit is None:
+        try:
+            _jit = _build()
+        except ImportError:
+            log.info("numba is not installed: dpprims' CPU noise falls back to plain torch / jnp (slower)")
+            _jit = False
+    return _jit or None
+
+
+def _build():
+    from . import _noise_numba as k
+
+    return dict(prep=k.prep, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all)
+
+
+def _key(k0: int, k1: int):
+    return np.uint32(int(k0) & _M32), np.uint32(int(k1) & _M32)
+
+
+def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None) -> np.ndarray:
+    """z (float32 [n]) of dpprims' generator: element e is z0 (e even) or z1 (e odd) of pair
+    pair_offset + e // 2 under key (k0, k1) (the seed's low / high word, any int bit patterns), with
+    Philox counter words c2 = step and c3 = stream_word (``dpprims.noise.stream_word(rank)``) - the
+    numbers of ``kernels/noise.py::_gaussian_noise_kernel`` under Triton's interpreter, bit for bit.
+    ``out``: optional contiguous float32 array of n elements to write into. Needs :func:`available`."""
+    f = _compiled()
+    if f is None:
+        raise RuntimeError("dpprims.noise_cpu needs numba (pip install numba)")
+    n, pair_offset, stream_word = int(n), int(pair_offset), int(stream_word)
+    _nz.check_pair_range(pair_offset, n)
+    if stream_word & _nz.SUB_EXTENSION or not 0 <= stream_word <= _M32:
+        raise ValueError(f"stream_word must be a main-block counter word (dpprims.noise.stream_word), "
+                         f"got {stream_word:#x}")
+    c2, c3 = np.uint32(int(step) & _M32), np.uint32(stream_word)
+    if out is None:
+        out = np.empty(n, np.float32)
+    elif out.dtype != np.float32 or out.size != n or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of {n} elements, got {out.dtype}[{out.size}]")
+    flat = out.reshape(-1)
+    n_pairs = (n + 1) // 2
+    if n_pairs == 0:
+        return out
+    k0, k1 = _key(k0, k1)
+    fmask, fval = (np.uint32(x) for x in (_FORCE_EXTENSION or (0, 1)))
+    ch = min(CHUNK_PAIRS, n_pairs)
+    scratch = tuple(np.empty(ch, np.float32) for _ in range(6))  # v, theta, k 32 ln 2, log v, cos, sin
+    start = 0
+    while start < n_pairs:
+        p0 = pair_offset + start
+        m = min(ch, n_pairs - start, (1 << 32) - (p0 & _M32))  # a chunk never carries into c1
+        c0, c1 = np.uint32(p0 & _M32), np.uint32(p0 >> 32)
+        if m < ch:  # views of the scratch buffers (the kernels index [0, m) only)
+            bufs = tuple(a[:m] for a in scratch)
+        else:
+            bufs = scratch
+        v, th, kl, lv, ct, st = bufs
+        if f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
+            f["fix_extension"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
+        np.log(v, out=lv)
+        np.cos(th, out=ct)
+        np.sin(th, out=st)
+        f["finish"](kl, lv, ct, st, m, flat, 2 * start, n)
+        start += m
+    return out
+
+
+def philox_words(c0, c1, c2, c3, k0: int, k1: int) -> np.ndarray:
+    """Raw Philox4x32-10 words (uint32 [4, n]) of uint32 counter arrays c0..c3 (diagnostics)."""
+    f = _compiled()
+    cs = [np.ascontiguousarray(np.asarray(c, dtype=np.uint32).reshape(-1)) for c in (c0, c1, c2, c3)]
+    out = np.empty((4, cs[0].size), np.uint32)
+    f["words"](*cs, *_key(k0, k1), out)
+    return out
+
+
+def normal_pairs_from_words(words) -> np.ndarray:
+    """Box-Muller of given words (uint32 [5, n]: w0, w1, w2, w3, x0) -> float32 [2, n]: the same
+    code as the generator's (diagnostics: reaches the extreme tail on demand)."""
+    f = _compiled()
+    w = np.ascontiguousarray(np.asarray(words, dtype=np.uint32))
+    m = w.shape[1]
+    v, th, kl = (np.empty(m, np.float32) for _ in range(3))
+    f["select_all"](w, v, th, kl)
+    inter = np.empty(2 * m, np.float32)
+    f["finish"](kl, np.log(v), np.cos(th), np.sin(th), m, inter, 0, 2 * m)
+    return np.ascontiguousarray(inter.reshape(m, 2).T)
