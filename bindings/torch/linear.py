@@ -111,14 +111,24 @@ def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> tor
     A32, G32 = A.float(), G.float()
     if method == "outer":
         return A32[:, 0].pow(2).sum(1) * G32[:, 0].pow(2).sum(1)
-    if method == "ghost":
-        return (torch.bmm(A32, A32.transpose(1, 2)) * torch.bmm(G32, G32.transpose(1, 2))).sum(dim=(1, 2))
-    # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist
-    B, _, D = A32.shape
+    B, T, D = A32.shape
     P = G32.shape[2]
+    if method == "ghost":
+        # <A A^T, G G^T>_F per example, chunked so that at most ~2^24 Gram values exist
+        chunk = max(1, (1 << 24) // max(1, 2 * T * T))
+        out = []
+        for s in range(0, B, chunk):
+            a, g = A32[s:s + chunk], G32[s:s + chunk]
+            aa, gg = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+            out.append(torch.bmm(aa.reshape(a.shape[0], 1, -1), gg.reshape(a.shape[0], -1, 1)).reshape(-1))
+        return torch.cat(out)
+    # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist;
+    # the square-sum is a batched dot product (no squared temporary)
     chunk = max(1, (1 << 24) // max(1, D * P))
-    out = [torch.bmm(G32[s:s + chunk].transpose(1, 2), A32[s:s + chunk]).pow(2).sum(dim=(1, 2))
-           for s in range(0, B, chunk)]
+    out = []
+    for s in range(0, B, chunk):
+        w = torch.bmm(G32[s:s + chunk].transpose(1, 2), A32[s:s + chunk]).reshape(-1, 1, D * P)
+        out.append(torch.bmm(w, w.transpose(1, 2)).reshape(-1))
     return torch.cat(out)
 
 

@@ -73,16 +73,7 @@ def _affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool, op: st
         return (x3.new_zeros(B, 2, C, dtype=torch.float32), x3.new_zeros(B, 2, dtype=torch.float32))
     backend = record(op, x3)
     if backend == "torch":
-        xh = x3.float()
-        if mean is not None:
-            if row_stats:
-                xh = (xh - mean.float().view(B, R, 1)) * rstd.float().view(B, R, 1)
-            else:
-                grp = torch.arange(C, device=x3.device) // cpg
-                xh = (xh - mean.float().view(B, ng)[:, None, grp]) * rstd.float().view(B, ng)[:, None, grp]
-        g = g3.float()
-        pe = torch.stack(((xh * g).sum(1), g.sum(1)), dim=1)
-        return pe, pe.pow(2).sum(2)
+        return _torch_affine_grads(x3, g3, mean, rstd, cpg, ng, row_stats)
     spec = _k.norm_affine_grads_spec(B, R, C, row_stats)
     pe = empty(spec.outputs["per_example"], device=x3.device, dtype=torch.float32)
     partials = empty(spec.outputs["partials"], device=x3.device, dtype=torch.float32)
@@ -92,6 +83,30 @@ def _affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool, op: st
             HAS_STATS=mean is not None, ROW_STATS=row_stats)
     sq = partials[:, :, 0] if partials.shape[2] == 1 else partials.sum(dim=2)
     return pe, sq
+
+
+def _torch_affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool):
+    """Plain-torch (CPU) version of the norm-affine kernel. Per-group statistics are applied
+    by broadcasting over [B, groups, C/groups, positions] (the GroupNorm input's own NCHW
+    layout: no gathered [B, positions, C] copies of mean / rstd), and the sums over positions
+    are batched dot products. x_hat is formed explicitly, (x - mean) * rstd, never by the
+    shortcut rstd * (sum x*g - mean * sum g), whose cancellation would lose precision in the
+    norm (and so in the clip factor) for inputs with |mean| >> std."""
+    B, R, C = x3.shape
+    g = g3.float()
+    if mean is not None and not row_stats:
+        xc = x3.transpose(1, 2).float().reshape(B, ng, cpg, R)  # [B, groups, C/groups, positions]
+        xh = (xc - mean.float().view(B, ng, 1, 1)) * rstd.float().view(B, ng, 1, 1)
+        gc = g.transpose(1, 2).reshape(B * C, R, 1)
+        dw = torch.bmm(xh.reshape(B * C, 1, R), gc).view(B, C)
+        db = gc.view(B, C, R).sum(2)
+    else:
+        xh = x3.float()
+        if mean is not None:
+            xh = (xh - mean.float().view(B, R, 1)) * rstd.float().view(B, R, 1)
+        dw, db = (xh * g).sum(1), g.sum(1)
+    pe = torch.stack((dw, db), dim=1)
+    return pe, pe.pow(2).sum(2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from dpprims.bindings.torch.linear import check_max_grad_norm, clip_factors
 from .handlers import HANDLERS, handler_for
 
 _BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
-_NORM_METHODS = ("auto", "ghost", "direct")
+_NORM_METHODS = ("auto", "ghost", "direct", "instantiate")
 
 
 class DPEngine:
@@ -52,8 +52,14 @@ class DPEngine:
         max_grad_norm: the clip norm C (>= 0; inf only with flat clipping).
         clipping: "flat" (min(1, C/(n+1e-6))) or "automatic" (C/(n+gamma)).
         gamma: stability constant of automatic clipping.
-        norm_method: "auto" (per layer, cheapest by the flop model), "ghost", "direct", or a
-            dict {module name: method} overriding single layers ("auto" for the rest).
+        norm_method: "auto" (per layer, cheapest by the cost model of the backend that runs:
+            the kernels' flop model on the Triton backends, the time model of
+            dpprims.torch.handlers.cpu_cost on the plain-torch CPU path), "ghost", "direct",
+            "instantiate", or a dict {module name: method} overriding single layers ("auto"
+            for the rest). "instantiate" keeps the per-example weight gradients of a Conv /
+            Linear layer for its clipped sum (plain-torch path; under a memory cap, else
+            "direct"; the Triton backends run "direct" for it). The norms, and so privacy, do
+            not depend on the method.
         loss_reduction: "sum" or "mean" for scalar losses (see module docstring).
         precision: tl.dot precision for fp32 operands: "ieee" (default) or "tf32x3" (near-fp32
             on tensor cores). Plain TF32 is refused: its rounding can push a clipped
@@ -224,10 +230,12 @@ class DPEngine:
 
     def format_plan(self) -> str:
         """The plan as a table: per layer T, d, p, method, and the norm pass against the
-        weight-gradient GEMM it sits beside, in GFLOP and MB, with the totals."""
+        weight-gradient GEMM it sits beside, in GFLOP and MB, with the totals; on the
+        plain-torch CPU path also the modelled milliseconds of the chosen method (norm pass +
+        clipped sum, dpprims.torch.handlers.cpu_cost)."""
         rows = self.plan()
         head = (f"{'layer':<24}{'kind':<10}{'T':>6}{'d':>7}{'p':>6}  {'method':<12}"
-                f"{'norm GF':>9}{'wgrad GF':>9}{'norm MB':>9}{'wgrad MB':>9}{'GF ratio':>9}")
+                f"{'norm GF':>9}{'wgrad GF':>9}{'norm MB':>9}{'wgrad MB':>9}{'GF ratio':>9}{'CPU ms':>9}")
         lines = [head]
         tot = dict(norm_flops=0, weight_grad_flops=0, norm_bytes=0, weight_grad_bytes=0)
         for r in rows:
@@ -239,7 +247,8 @@ class DPEngine:
             lines.append(f"{r['layer']:<24}{r['kind']:<10}{r['T']:>6}{r['d']:>7}{r['p']:>6}  {r['method']:<12}"
                          f"{r['norm_flops'] / 1e9:>9.3f}{r['weight_grad_flops'] / 1e9:>9.3f}"
                          f"{r.get('norm_bytes', 0) / 1e6:>9.2f}{r.get('weight_grad_bytes', 0) / 1e6:>9.2f}"
-                         f"{r['norm_flops'] / max(1, r['weight_grad_flops']):>9.3f}")
+                         f"{r['norm_flops'] / max(1, r['weight_grad_flops']):>9.3f}"
+                         + (f"{r['cpu_ms'][r['method']]:>9.2f}" if r['method'] in r.get('cpu_ms', {}) else f"{'-':>9}"))
         lines.append(f"{'total':<24}{'':<10}{'':>6}{'':>7}{'':>6}  {'':<12}"
                      f"{tot['norm_flops'] / 1e9:>9.3f}{tot['weight_grad_flops'] / 1e9:>9.3f}"
                      f"{tot['norm_bytes'] / 1e6:>9.2f}{tot['weight_grad_bytes'] / 1e6:>9.2f}"

@@ -30,11 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dpprims.bindings.torch import _backend
 from dpprims.bindings.torch import conv as ops
 from dpprims.bindings.torch import linear as lin_ops
 from dpprims.kernels.conv import choose_conv_norm_method, conv_norm_flops, conv_pads
 
 from .base import Capture, LayerHandler, add_grad
+from .cpu_cost import choose_cpu_method, layer_costs
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 
@@ -164,12 +166,25 @@ class ConvHandler(LayerHandler):
         T = sum(g.T for g in geos)
         geo = geos[0]
         D, P, groups = geo.D, geo.P, geo.groups
-        method = choose_conv_norm_method(T, D, P, self.engine.norm_method_for(self.name))
+        requested = self.engine.norm_method_for(self.name)
+        plain = _backend.backend_for(calls[0][0]) == "torch"
+        if plain:
+            # plain-torch path: its own time model (cpu_cost.py); "instantiate" keeps the
+            # per-example gradients of a single-call layer for the clipped sum
+            method = choose_cpu_method(B, T, D, P, groups, conv=True, method=requested)
+            if method == "instantiate" and len(calls) > 1:
+                method = "direct"
+        else:
+            # the Triton kernels: the kernels' flop model; "instantiate" has no kernel of its
+            # own there and runs the direct kernel (same norms)
+            method = choose_conv_norm_method(T, D, P, "direct" if requested == "instantiate" else requested)
         prec = self.engine.precision
         device = calls[0][0].device
         total = torch.zeros(B, device=device, dtype=torch.float32)
         if m.weight.requires_grad:
-            if len(calls) == 1:
+            if len(calls) == 1 and method == "instantiate":
+                total = total + ops.sq_rows(self._per_example(calls[0]).reshape(B, -1))
+            elif len(calls) == 1:
                 x, G, lo = calls[0]
                 total = total + ops.conv2d_weight_sq_norms(x, G, *self._conv_args(lo), method, prec)
             else:
@@ -184,17 +199,31 @@ class ConvHandler(LayerHandler):
         esize = calls[0][0].element_size()
         io = sum(x.numel() + G.numel() for x, G, _ in calls) * esize
         self.last_plan = dict(layer=self.name, kind=self.kind, T=T, d=D, p=P, groups=groups, method=method,
-                              calls=len(calls), norm_flops=B * costs[method],
+                              calls=len(calls), norm_flops=B * costs["direct" if method == "instantiate" else method],
                               weight_grad_flops=2 * B * T * D * P * groups,
                               norm_bytes=io, weight_grad_bytes=io + 4 * groups * D * P)
+        if plain:
+            self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in layer_costs(B, T, D, P, groups, conv=True).items()}
         return total
+
+    def _per_example(self, call) -> torch.Tensor:
+        """The per-example weight gradients [B, C_out, D] of a single-call layer (plain-torch
+        "instantiate"), built once per step and kept until the clipped sum."""
+        def compute():
+            x, G, lo = call
+            geo, x4, G4 = ops.conv_geometry(x, G, *self._conv_args(lo))
+            return ops.per_example_weight_grads(x4, G4, geo)
+
+        return self.state.memo("per_example", compute)
 
     def accumulate_clipped(self, c: torch.Tensor) -> None:
         m = self.module
         calls = self._calls()
         prec = self.engine.precision
         if m.weight.requires_grad:
-            if len(calls) == 1:
+            if len(calls) == 1 and "per_example" in self.state.step_cache:
+                add_grad(m.weight, ops.clipped_sum_of_rows(self._per_example(calls[0]), c))
+            elif len(calls) == 1:
                 x, G, lo = calls[0]
                 add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *self._conv_args(lo), prec))
             else:

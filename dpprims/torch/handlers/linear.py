@@ -11,10 +11,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dpprims.bindings.torch import _backend
 from dpprims.bindings.torch import linear as ops
+from dpprims.bindings.torch.conv import clipped_sum_of_rows, sq_rows
 from dpprims.kernels.linear import choose_norm_method, norm_flops
 
 from .base import Capture, LayerHandler, add_grad
+from .cpu_cost import choose_cpu_method, layer_costs
 
 
 class _DPLinearFn(torch.autograd.Function):
@@ -77,23 +80,44 @@ class LinearHandler(LayerHandler):
         Bc, T, D = A.shape
         P = G.shape[2]
         m = self.module
-        method = choose_norm_method(T, D, P, self.engine.norm_method_for(self.name))
+        requested = self.engine.norm_method_for(self.name)
+        plain = _backend.backend_for(A) == "torch"
+        if plain:  # plain-torch path: its own time model (cpu_cost.py)
+            method = choose_cpu_method(Bc, T, D, P, conv=False, method=requested)
+        else:  # Triton kernels: the flop model; "instantiate" runs the direct kernel there
+            method = choose_norm_method(T, D, P, "direct" if requested == "instantiate" else requested)
         total = torch.zeros(B, device=A.device, dtype=torch.float32)
-        if m.weight.requires_grad:
+        if m.weight.requires_grad and method == "instantiate":
+            total = total + sq_rows(self._per_example().reshape(Bc, -1))
+        elif m.weight.requires_grad:
             total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
         if m.bias is not None and m.bias.requires_grad:
             total = total + ops.linear_bias_sq_norms(G)
         costs = norm_flops(T, D, P)
         self.last_plan = dict(layer=self.name, kind=self.kind, T=T, d=D, p=P, method=method,
-                              norm_flops=Bc * costs[method], weight_grad_flops=2 * Bc * T * D * P,
+                              norm_flops=Bc * costs["direct" if method == "instantiate" else method],
+                              weight_grad_flops=2 * Bc * T * D * P,
                               norm_bytes=Bc * T * (D + P) * A.element_size(),
                               weight_grad_bytes=Bc * T * (D + P) * A.element_size() + 4 * D * P)
+        if plain:
+            self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in layer_costs(Bc, T, D, P, conv=False).items()}
         return total
+
+    def _per_example(self) -> torch.Tensor:
+        """Per-example weight gradients G_i^T A_i [B, p, d] (fp32; plain-torch "instantiate"),
+        one batched GEMM, built once per step and kept until the clipped sum."""
+        def compute():
+            A, G = self._pairs()
+            return torch.bmm(G.float().transpose(1, 2), A.float())
+
+        return self.state.memo("per_example", compute)
 
     def accumulate_clipped(self, c: torch.Tensor) -> None:
         A, G = self._pairs()
         m = self.module
-        if m.weight.requires_grad:
+        if m.weight.requires_grad and "per_example" in self.state.step_cache:
+            add_grad(m.weight, clipped_sum_of_rows(self._per_example(), c))
+        elif m.weight.requires_grad:
             add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, self.engine.precision))
         if m.bias is not None and m.bias.requires_grad:
             add_grad(m.bias, ops.linear_clipped_bias_grad(G, c))

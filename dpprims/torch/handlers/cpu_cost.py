@@ -1,0 +1,132 @@
+"""The per-layer norm-method choice of the plain-torch (CPU) path: a time model.
+
+On the Triton backends the kernels' flop model decides (``dpprims.kernels.linear.norm_flops``).
+The plain-torch path runs different code (framework GEMMs, an explicit im2col, oneDNN's conv
+weight gradient), whose speed depends on more than flops: a batched GEMM with a short
+reduction dimension runs at a fraction of the peak rate, and copies are memory-bound. This
+module models the time of the whole clipping work of one layer (norm pass + clipped sum) for
+each method and picks the fastest:
+
+* ``ghost``: the Gram matrices U U^T and G G^T per example ([T, T] each, reductions over d and
+  p), then the clipped sum as ONE framework weight gradient of (c * G) and x (2*B*T*d*p flops);
+* ``direct``: the per-example weight gradients G_i^T U_i a chunk at a time (reduction over T),
+  square-summed and dropped; then the same clipped weight gradient;
+* ``instantiate``: as direct, but the per-example gradients are kept (B*p*d fp32 values per
+  group, capped by :data:`INSTANTIATE_MAX_BYTES`) and the clipped sum is the reduction
+  sum_i c_i G_i (one GEMV over B), which replaces the second GEMM (shared/DESIGN.md section 1);
+* ``outer`` (Linear, T = 1): ||a_i||^2 ||g_i||^2, then the clipped GEMM.
+
+Model: a GEMM with reduction length K runs at ``GEMM_FLOPS * K / (K + GEMM_K_HALF)`` (a short
+reduction cannot amortise its loads); a copy or a reduction moves bytes at ``BANDWIDTH``. The
+constants were measured on the project's 2-core CPU machines (torch 2.13, fp32, 2 threads;
+``python -m dpprims.torch.handlers.cpu_cost`` re-measures them on the current machine):
+batched GEMMs of ResNet-18 shapes at 67-82 GFLOP/s for K >= 256, 41 GFLOP/s at K = 64,
+15 GFLOP/s at K = 16; a GEMV over 64 MiB at 8 GB/s. The choice is deterministic (no timing at run time), so the same model always gets the
+same plan; ``DPEngine(norm_method=...)`` overrides it per layer. Privacy does not depend on the
+choice: every method computes the same per-example norm (up to fp32 summation order) and the
+clipped sum of the same per-example gradients.
+"""
+from __future__ import annotations
+
+GEMM_FLOPS = 7.5e10
+GEMM_K_HALF = 48.0
+BANDWIDTH = 6e9
+# Per layer: the per-example gradients an "instantiate" layer keeps between the norm pass and
+# the clipped sum (every instantiate layer of a model holds its buffer at the same time).
+INSTANTIATE_MAX_BYTES = 64 << 20
+# The conv direct/instantiate path uses oneDNN's grouped weight-gradient conv (batch as groups)
+# from this many output positions on, an explicit im2col + batched GEMM below it
+# (bindings/torch/conv.py: per_example_weight_grads).
+GROUPED_CONV_MIN_T = 256
+
+CPU_METHODS = ("ghost", "direct", "instantiate")
+
+
+def _gemm_s(flops: float, K: float) -> float:
+    return flops / (GEMM_FLOPS * K / (K + GEMM_K_HALF))
+
+
+def _copy_s(nbytes: float) -> float:
+    return nbytes / BANDWIDTH
+
+
+def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool) -> dict:
+    """Modelled seconds of norm pass + clipped sum per method, for one layer of B examples
+    with T positions, d = D, p = P per group (fp32). ``conv`` adds the im2col copies the conv
+    path makes. "instantiate" is absent when its buffer would exceed INSTANTIATE_MAX_BYTES."""
+    B, T, D, P, g = max(1, B), max(1, T), max(1, D), max(1, P), max(1, groups)
+    wgrad = _gemm_s(2 * B * T * D * P * g, B * T)  # the framework's clipped weight gradient
+    im2col = _copy_s(2 * 4 * B * g * D * T) if conv else 0.0  # write + read of U
+    per_ex = 4 * B * g * D * P  # bytes of all per-example gradients
+    costs = {}
+    if T == 1 and not conv:
+        costs["outer"] = _copy_s(4 * B * (D + P)) + wgrad
+    gram = _gemm_s(2 * B * g * T * T * D, D) + _gemm_s(2 * B * g * T * T * P, P) + _copy_s(2 * 4 * 2 * B * g * T * T)
+    costs["ghost"] = im2col + gram + wgrad
+    if conv and T >= GROUPED_CONV_MIN_T:
+        build = _gemm_s(2 * B * T * D * P * g, T)  # grouped conv: per-example GEMMs over T
+    else:
+        build = im2col + _gemm_s(2 * B * T * D * P * g, T)
+    norm_direct = build + _copy_s(2 * per_ex)  # write, then square-sum
+    costs["direct"] = norm_direct + wgrad
+    if per_ex <= INSTANTIATE_MAX_BYTES:
+        costs["instantiate"] = norm_direct + _copy_s(per_ex)  # the GEMV over the kept buffer
+    return costs
+
+
+def choose_cpu_method(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool,
+                      method: str = "auto") -> str:
+    """The plain-torch method of one layer: the user's ``method`` if forced ("ghost",
+    "direct", "instantiate"; "instantiate" over the memory cap runs "direct"), else the
+    cheapest by :func:`layer_costs`. Linear layers with T = 1 always use "outer" (ghost and
+    direct both reduce to it)."""
+    if method not in ("auto",) + CPU_METHODS:
+        raise ValueError(f"norm_method must be 'auto' or one of {CPU_METHODS}, got {method!r}")
+    costs = layer_costs(B, T, D, P, groups, conv=conv)
+    if "outer" in costs:
+        return "outer"
+    if method != "auto":
+        return method if method in costs else "direct"
+    return min(costs, key=costs.get)
+
+
+def measure(threads: int | None = None) -> dict:
+    """Time the GEMMs and the GEMV the model stands for on this machine (a few seconds) and
+    return measured vs modelled rates, so the constants can be checked or re-derived."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def best(f, n=5):
+        f()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    out = {"threads": torch.get_num_threads(), "gemm": []}
+    for M, K, N in ((128, 256, 1152), (256, 64, 2304), (512, 16, 4608), (64, 1024, 576)):
+        a, b = torch.randn(32, M, K), torch.randn(32, K, N)
+        t = best(lambda: torch.bmm(a, b))
+        flops = 2 * 32 * M * K * N
+        out["gemm"].append(dict(M=M, K=K, N=N, measured_gflops=flops / t / 1e9,
+                                modelled_gflops=flops / _gemm_s(flops, K) / 1e9))
+    y, c = torch.randn(32, 1 << 19), torch.rand(32)
+    t = best(lambda: c @ y)
+    out["gemv_gbytes_per_s"] = dict(measured=4 * y.numel() / t / 1e9, modelled=BANDWIDTH / 1e9)
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - a measuring tool
+    import json
+
+    print(json.dumps(measure(), indent=1))
+
+
+__all__ = ["layer_costs", "choose_cpu_method", "CPU_METHODS", "INSTANTIATE_MAX_BYTES", "GEMM_FLOPS",
+           "BANDWIDTH", "GEMM_K_HALF", "GROUPED_CONV_MIN_T", "measure"]

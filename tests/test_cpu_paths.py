@@ -1,0 +1,170 @@
+"""The plain-torch (CPU) paths and their cost model: every method, forced, against the
+definition.
+
+Oracles: per-example float64 autograd.grad loops (the weight gradient of each example on its
+own) and the micro-batch loop of test_engine_conv. The plain-torch path is what runs on a CPU
+without TRITON_INTERPRET (``plain_torch_path``), so these tests pin that path on explicitly.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _paths import plain_torch_path
+from test_engine_conv import CNN, CNN1d, _check_grads, _data, _rel, micro_batch_oracle
+
+from dpprims.bindings.torch import _backend
+from dpprims.bindings.torch import conv as conv_ops
+from dpprims.bindings.torch import linear as lin_ops
+from dpprims.torch import DPEngine
+from dpprims.torch.handlers import cpu_cost
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+
+RTOL = 1e-5
+
+
+def _conv_ref(x, G, k, s, p, d, groups):
+    """(per-example weight gradients [B, C_out, C_in/g, *k], squared norms [B]) in float64,
+    one autograd.grad of sum(conv(x_i, W) * G_i) per example."""
+    conv = F.conv2d if len(k) == 2 else F.conv1d
+    grads = []
+    for i in range(x.shape[0]):
+        w = torch.zeros(G.shape[1], x.shape[1] // groups, *k, dtype=torch.float64, requires_grad=True)
+        y = conv(x[i:i + 1].double(), w, None, s, p, d, groups)
+        (gw,) = torch.autograd.grad((y * G[i:i + 1].double()).sum(), w)
+        grads.append(gw)
+    per = torch.stack(grads)
+    return per, per.pow(2).flatten(1).sum(1)
+
+
+# (B, C_in, spatial, C_out, kernel, stride, padding, dilation, groups): odd shapes, strided,
+# grouped, depthwise, dilated, 1-D, and T >= 256 (the grouped-conv branch of the direct path)
+CONV_CASES = [
+    pytest.param(5, 6, (9, 7), 4, (3, 2), (2, 1), (1, 0), (1, 2), 2, id="B5-grouped-strided-dilated"),
+    pytest.param(3, 4, (5, 6), 4, (1, 1), (1, 1), (0, 0), (1, 1), 4, id="B3-depthwise-1x1"),
+    pytest.param(2, 3, (17, 17), 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, id="B2-T289-grouped-conv-branch"),
+    pytest.param(3, 6, (23,), 9, (4,), (2,), (3,), (2,), 3, id="B3-conv1d-grouped"),
+]
+
+
+@pytest.mark.parametrize("B,C,sp,Co,k,s,p,d,g", CONV_CASES)
+def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g):
+    torch.manual_seed(B * 100 + C)
+    x = torch.randn(B, C, *sp)
+    out_sp = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d)]
+    G = torch.randn(B, Co, *out_sp)
+    per_ref, sq_ref = _conv_ref(x, G, k, s, p, d, g)
+    with plain_torch_path():
+        for method in ("direct", "ghost"):
+            sq = conv_ops.conv2d_weight_sq_norms(x, G, list(k), list(s), list(p), list(d), g, method)
+            assert _backend.LAST_BACKEND[f"conv2d_weight_sq_norms[{method}]"] == "torch"
+            assert _rel(sq, sq_ref) <= 1e-5, f"{method}: relative error {_rel(sq, sq_ref):.2e}"
+        geo, x4, G4 = conv_ops.conv_geometry(x, G, list(k), list(s), list(p), list(d), g)
+        per = conv_ops.per_example_weight_grads(x4, G4, geo)
+        assert per.shape == (B, Co, geo.D)
+        assert _rel(per, per_ref.reshape(B, Co, -1)) <= 1e-5
+        c = torch.rand(B)
+        c[1] = 0.0
+        ref_sum = (c.double().view(-1, 1, 1) * per_ref.reshape(B, Co, -1)).sum(0)
+        assert _rel(conv_ops.clipped_sum_of_rows(per, c), ref_sum) <= 1e-5
+
+
+def test_clipped_sum_of_rows_drops_nonfinite_examples():
+    """The instantiate clipped sum leaves c_i == 0 rows out: a NaN / inf gradient of a dropped
+    example cannot reach the sum (0 * NaN would be NaN)."""
+    torch.manual_seed(1)
+    per = torch.randn(4, 3, 5)
+    per[2, 0, 0] = float("nan")
+    per[3] = float("inf")
+    c = torch.tensor([0.5, 1.0, 0.0, 0.0])
+    out = conv_ops.clipped_sum_of_rows(per, c)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, 0.5 * per[0] + per[1])
+    with pytest.raises(ValueError, match="clip factors"):
+        conv_ops.clipped_sum_of_rows(per, c[:3])
+
+
+@pytest.mark.parametrize("method", ["direct", "ghost"])
+def test_linear_plain_torch_methods_match_autograd(method):
+    torch.manual_seed(3)
+    B, T, D, P = 5, 7, 13, 6
+    A, G = torch.randn(B, T, D), torch.randn(B, T, P)
+    ref = torch.einsum("btp,btd->bpd", G.double(), A.double()).pow(2).sum((1, 2))
+    with plain_torch_path():
+        sq = lin_ops.linear_weight_sq_norms(A, G, method)
+    assert _rel(sq, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("norm_method", ["ghost", "direct", "instantiate", "auto"])
+@pytest.mark.parametrize("model_cls", [CNN, CNN1d], ids=["cnn2d", "cnn1d"])
+def test_engine_cpu_methods_match_micro_batch_loop(model_cls, norm_method):
+    """Each method forced on every layer of the plain-torch path (and the cost model's own
+    choice) gives the oracle's norms and clipped sums; the plan reports the method run."""
+    torch.manual_seed(11)
+    model = model_cls()
+    x, y = _data(model_cls, 5)
+    norms_ref, sums_ref = micro_batch_oracle(model, x, y, 0.7)
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=0.7, norm_method=norm_method)
+        norms = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert (norms_ref > 0.7).any()
+    assert _rel(norms, norms_ref) <= RTOL
+    _check_grads(model, sums_ref)
+    for r in engine.plan():
+        if r["kind"] in ("conv1d", "conv2d"):
+            assert r["method"] in cpu_cost.CPU_METHODS and set(r["cpu_ms"]) >= {"ghost", "direct"}
+            if norm_method != "auto":
+                assert r["method"] == norm_method
+            else:
+                assert r["cpu_ms"][r["method"]] == min(r["cpu_ms"].values())
+    assert "CPU ms" in engine.format_plan()
+
+
+def test_instantiate_with_mask_and_nonfinite_example():
+    """Padding rows and a non-finite example contribute nothing on the instantiate path."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
+    x[1, 0, 2, 2] = float("nan")
+    mask = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
+    keep = torch.tensor([0, 2, 4])
+    _, sums_ref = micro_batch_oracle(model, x[keep], y[keep], 0.5)
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=0.5, norm_method="instantiate")
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"), mask=mask)
+    assert int(engine.last_stats["nonfinite"]) == 1
+    assert [r["method"] for r in engine.plan()] == ["instantiate", "outer"]  # Linear T = 1: closed form
+    _check_grads(model, sums_ref)
+
+
+def test_cpu_cost_model_picks_per_layer(monkeypatch):
+    """Large grid, narrow layer: instantiate (no second GEMM); small grid, wide layer: ghost;
+    instantiate over its memory cap: direct. Linear T = 1: the closed form."""
+    assert cpu_cost.choose_cpu_method(32, 1024, 576, 64, conv=True) == "instantiate"
+    assert cpu_cost.choose_cpu_method(32, 16, 4608, 512, conv=True) == "ghost"
+    assert cpu_cost.choose_cpu_method(7, 1, 300, 10, conv=False) == "outer"
+    assert cpu_cost.choose_cpu_method(7, 1, 300, 10, conv=False, method="ghost") == "outer"
+    monkeypatch.setattr(cpu_cost, "INSTANTIATE_MAX_BYTES", 1024)
+    assert cpu_cost.choose_cpu_method(32, 1024, 576, 64, conv=True) == "direct"
+    assert cpu_cost.choose_cpu_method(32, 1024, 576, 64, conv=True, method="instantiate") == "direct"
+    with pytest.raises(ValueError, match="norm_method"):
+        cpu_cost.choose_cpu_method(2, 4, 4, 4, conv=True, method="fast")
+    costs = cpu_cost.layer_costs(32, 1024, 576, 64, conv=True)
+    assert costs["ghost"] > costs["direct"] > 0
+
+
+def test_plan_on_plain_torch_follows_the_cpu_model():
+    """The engine's per-layer choice on CPU is the cost model's, shown by plan()."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 64, 3, stride=4),
+                          nn.ReLU(), nn.Conv2d(64, 96, 3, padding=1), nn.Flatten(), nn.Linear(96 * 16, 2))
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 1])
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=1.0)
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    plan = {r["layer"]: r for r in engine.plan()}
+    for name in ("0", "2", "4"):
+        r = plan[name]
+        expect = cpu_cost.choose_cpu_method(3, r["T"], r["d"], r["p"], r["groups"], conv=True)
+        assert r["method"] == expect
+    assert plan["0"]["method"] == "instantiate" and plan["4"]["method"] == "ghost"
+    assert plan["6"]["method"] == "outer"
