@@ -61,12 +61,15 @@ def _series(records, kind, key):
 
 
 def _moving_average(v, w):
-    out, acc = [], 0.0
-    for i, x in enumerate(v):
-        acc += x
-        if i >= w:
-            acc -= v[i - w]
-        out.append(acc / min(i + 1, w))
+    """Centred mean over a window of w points (shrinking at the ends), so the curve does not lag."""
+    c = [0.0]
+    for x in v:
+        c.append(c[-1] + x)
+    h = w // 2
+    out = []
+    for i in range(len(v)):
+        lo, hi = max(0, i - h), min(len(v), i + h + 1)
+        out.append((c[hi] - c[lo]) / (hi - lo))
     return out
 
 
@@ -95,7 +98,7 @@ def plot_log(log, out, *, title: str | None = None, dpi: int = 110) -> Path:
     ax_loss, ax_acc, ax_eps = fig.subplots(1, 3)
     ax_loss.plot(s_loss, loss, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
     w = max(1, min(20, len(loss) // 10))
-    ax_loss.plot(s_loss, _moving_average(loss, w), color="tab:blue", lw=1.6, label=f"train ({w}-step mean)")
+    ax_loss.plot(s_loss, _moving_average(loss, w), color="tab:blue", lw=1.6, label=f"train ({w}-step centred mean)")
     if s_tl:
         ax_loss.plot(s_tl, test_loss, "o-", color="tab:orange", ms=3, lw=1.2, label="test")
     ax_loss.set_title("loss")
