@@ -37,6 +37,21 @@ def block(n: int, gpu_max: int, interp_max: int = 128, lo: int = 16) -> int:
     return max(lo, min(next_pow2(n), hi))
 
 
+DEFAULT_ARCH = 90
+"""Compute capability (80 = A100, 90 = H100) that launch specs assume when the bindings cannot
+read one from a device (CPU interpreter, or the meta tensors / eval_shape of
+dpprims.kernel_report, which sets it to the architecture it reports). Bindings read the real
+one at launch time; nothing reads a device at import time."""
+
+
+def check_arch(arch: int) -> int:
+    """The spec functions' ``arch``: 80 (sm_80 rules) or 90 (sm_90 rules; newer parts use these)."""
+    arch = int(arch)
+    if arch < 80:
+        raise ValueError(f"dpprims kernels need compute capability >= 8.0, got arch={arch}")
+    return 90 if arch >= 90 else 80
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """grid: tuple of program counts; constexprs: kernel constexpr keyword arguments

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from dpprims.kernels import _launch
 from dpprims.kernels._launch import interpreting
 
 log = logging.getLogger("dpprims")
@@ -27,6 +28,17 @@ def backend_for(t) -> str:
     if t.device.type == "cpu":
         return "triton-interpreter" if interpreting() else "torch"
     raise NotImplementedError(f"dpprims ops support cuda and cpu tensors, got device {t.device}")
+
+
+def arch_for(t) -> int:
+    """Compute capability (80, 90, ...) of the GPU a kernel on tensor ``t`` runs on, read at
+    launch time (never at import): the launch specs pick block sizes and warps per architecture."""
+    if t.device.type == "cuda":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return _launch.DEFAULT_ARCH  # interpreter / meta tensors (kernels._launch.DEFAULT_ARCH)
 
 
 def record(op: str, t) -> str:
