@@ -332,13 +332,34 @@ def clipped_sum_of_rows(per_example: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return (c.unsqueeze(0) @ flat).reshape(per_example.shape[1:])
 
 
+def _symmetric_padding_fits(geo: Conv2dGeometry) -> bool:
+    """True when torch's own conv with padding (PH, PW) on both sides gives exactly H_out x
+    W_out, so the framework can pad implicitly (no padded copy of x)."""
+    h = (geo.H + 2 * geo.PH - geo.DH * (geo.KH - 1) - 1) // geo.SH + 1
+    w = (geo.W + 2 * geo.PW - geo.DW * (geo.KW - 1) - 1) // geo.SW + 1
+    return (h, w) == (geo.H_out, geo.W_out)
+
+
 def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
-    """sum_i c_i G_i^T U_i as ONE ordinary conv weight gradient of (c * G) and x (Book-Keeping);
-    examples with c_i == 0 are masked in both operands, so their non-finite values cannot leak."""
-    keep = (c != 0).view(-1, 1, 1, 1)
-    xp = torch.where(keep, _padded(x4, geo), 0.0)
-    g = torch.where(keep, G4.float() * c.view(-1, 1, 1, 1), 0.0)
-    return _weight_grad(xp, g, geo, geo.groups, geo.C_out).reshape(geo.C_out, geo.D)
+    """sum_i c_i G_i^T U_i as ONE ordinary conv weight gradient of (c * G) and x (Book-Keeping).
+    Examples with c_i == 0 are left out of both operands (selected away, not multiplied), so
+    their non-finite values cannot leak; this reads c on the host (the CPU path)."""
+    keep = c != 0
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return x4.new_zeros((geo.C_out, geo.D), dtype=torch.float32)
+        x4, G4, c = x4.index_select(0, idx), G4.index_select(0, idx), c.index_select(0, idx)
+    g = G4.float() * c.view(-1, 1, 1, 1)
+    if _symmetric_padding_fits(geo):
+        w_shape = (geo.C_out, geo.C_in_g, geo.KH, geo.KW)
+        x32 = x4.float()
+        w = torch.ops.aten.convolution_backward(
+            g, x32, x32.new_empty(w_shape), None, [geo.SH, geo.SW], [geo.PH, geo.PW], [geo.DH, geo.DW], False,
+            [0, 0], geo.groups, [False, True, False])[1]
+    else:
+        w = _weight_grad(_padded(x4, geo), g, geo, geo.groups, geo.C_out)
+    return w.reshape(geo.C_out, geo.D)
 
 
 __all__ = [

@@ -187,11 +187,15 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
         return A.new_zeros(P, D, dtype=torch.float32)
     backend = record("linear_clipped_weight_grad", A)
     if backend == "torch":
-        keep = (c != 0).view(B, 1, 1)
-        Gs = torch.where(keep, G.float() * c.view(B, 1, 1), 0.0)
-        As = torch.where(keep, A.float(), 0.0)
-        return Gs.reshape(B * T, P).t() @ As.reshape(B * T, D)
-    spec = _k.linear_clipped_weight_grad_spec(B, T, D, P)
+        # examples with c_i == 0 are selected away from both operands (never multiplied: their
+        # values may be non-finite); reading c on the host is free on the CPU path
+        keep = c != 0
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            A, G, c = A.index_select(0, idx), G.index_select(0, idx), c.index_select(0, idx)
+        Gs = G.float() * c.view(-1, 1, 1)
+        return Gs.reshape(-1, P).t() @ A.float().reshape(-1, D)
+    spec = _k.linear_clipped_weight_grad_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
     partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     _launch(_k._linear_clipped_weight_grad_kernel, spec, A, G, c, partials,
             B, T, D, P, spec.outputs["rows_per_split"], *A.stride(), *G.stride(), DOT_PRECISION=prec)
