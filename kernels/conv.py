@@ -24,7 +24,8 @@ math of kernels/linear.py (shared/DESIGN.md, section 1):
   see group g's inputs, so there are no cross-group terms (fastDP and private-transformers
   get this wrong for groups > 1).
 * clipped weight gradient (Book-Keeping): sum_i c_i G_i,g^T U_i,g, one implicit-GEMM
-  weight-gradient conv over the B*T rows with c_i fused into the load of G.
+  weight-gradient conv on tensor cores in the input dtype, one example at a time, with c_i
+  applied to each example's fp32 tile after the MMA (design (a), docs/PRIVACY.md).
 * bias: per-example bias gradients sum_t G_i[c, t] [B, C_out] (fp32), from which the norm
   and the clipped sum are [B]- and [C_out]-sized epilogues.
 
@@ -37,8 +38,8 @@ Determinism: every program writes its own partial (a tile's norm, a split-K slic
 weight gradient) and the binding sums them in a fixed order. No atomics.
 
 Precision and non-finite inputs: as kernels/linear.py (operands in their own dtype, fp32
-accumulation, ``DOT_PRECISION`` for fp32 operands; rows of an example with c_i == 0 are masked
-in the clipped sum, never multiplied, so inf/NaN of a dropped example cannot leak in).
+accumulation, ``DOT_PRECISION`` for fp32 operands; an example with c_i == 0 is skipped in the
+clipped sum, never multiplied, so inf/NaN of a dropped example cannot leak in).
 
 Addresses within one example are int32 (C*H*W < 2^31 elements per example); the example
 offset is int64.
@@ -54,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._launch import LaunchSpec, block, cdiv, interpreting
-from .linear import choose_norm_method, norm_flops
+from .linear import clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,22 +221,23 @@ def _conv2d_bias_grads_kernel(
 @triton.jit
 def _conv2d_clipped_weight_grad_kernel(
     x_ptr, g_ptr, c_ptr,
-    out_ptr,
-    B, GROUPS, C_in_g, H, W, W_out, T, D, P, ROWS_PER_SPLIT,
+    B, GROUPS, C_in_g, H, W, W_out, T, D, P, EXAMPLES_PER_SPLIT,
     SH, SW, PH, PW, DH, DW,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    out_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[s, g*P + P-tile, D-tile] = sum over rows r = (i, t) of split s of c_i G_i,g[t]^T U_i,g[t].
+    """out[s, g*P + P-tile, D-tile] = sum over the examples i of split s of c_i (G_i,g^T U_i,g)[tile].
 
     ``out`` is [SPLIT, C_out, D], i.e. the weight layout [C_out, C_in/groups, KH, KW] per split.
-    The factor c_i is applied in fp32 while G is loaded and the product stays fp32, with both
-    operands of the dot fp32 ("ieee" or "tf32x3"): rounding c_i * G back to a half dtype would
-    change example i's contribution in a way the norm pass never sees (see the Linear kernel).
-    Rows with c_i == 0 are masked in both operands.
+    Design (a), as the Linear kernel (docs/PRIVACY.md): one example at a time, its UNSCALED
+    input-dtype tiles of G and of the implicit im2col U over its T = H_out*W_out output
+    positions (BLOCK_K positions per step, the last step masked at T) are multiplied on tensor
+    cores into a fresh fp32 tile W_i, then acc += c_i * W_i. Splits own whole examples and
+    write their own partials (no atomics); an example with c_i == 0 is skipped entirely.
     """
     pid_gp = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -248,25 +250,25 @@ def _conv2d_clipped_weight_grad_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_grp = x_ptr + grp * C_in_g * stride_xc
     g_grp = g_ptr + grp * P * stride_gc
-    n_rows = B * T
-    r_lo = pid_s * ROWS_PER_SPLIT
-    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, n_rows)
+    e_lo = pid_s * EXAMPLES_PER_SPLIT
+    e_hi = tl.minimum(e_lo + EXAMPLES_PER_SPLIT, B)
 
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D]
-    for r0 in range(r_lo, r_hi, BLOCK_K):
-        r = r0 + offs_k  # [BLOCK_K] flat (example, position) rows
-        in_rows = r < r_hi
-        i = (r // T).to(tl.int64)
-        t = r % T
-        c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] per-example clip factors
-        keep = in_rows & (c != 0.0)
-        go, gm = _gout_offsets(t, offs_p, T, P, W_out, stride_gc, stride_gh, stride_gw)
-        g = tl.load(g_grp + (i * stride_gb)[:, None] + go, mask=gm & keep[:, None], other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = g.to(tl.float32) * c[:, None]  # fp32: rounding c*G to half could push a contribution past C
-        uo, um = _im2col_offsets(t, offs_d, T, D, H, W, W_out, SH, SW, PH, PW, DH, DW,
-                                 stride_xc, stride_xh, stride_xw, KH, KW)
-        u = tl.load(x_grp + (i * stride_xb)[:, None] + uo, mask=um & keep[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-        acc = tl.dot(tl.trans(g), u, acc, input_precision=DOT_PRECISION)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D] sum_i c_i W_i
+    for i in range(e_lo, e_hi):
+        c = tl.load(c_ptr + i)  # example i's clip factor (fp32)
+        if c != 0.0:
+            x_base = x_grp + tl.cast(i, tl.int64) * stride_xb
+            g_base = g_grp + tl.cast(i, tl.int64) * stride_gb
+            w = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D] tile of W_i
+            for t0 in range(0, T, BLOCK_K):
+                t = t0 + offs_k
+                go, gm = _gout_offsets(t, offs_p, T, P, W_out, stride_gc, stride_gh, stride_gw)
+                g = tl.load(g_base + go, mask=gm, other=0.0)  # [BLOCK_K, BLOCK_P]
+                uo, um = _im2col_offsets(t, offs_d, T, D, H, W, W_out, SH, SW, PH, PW, DH, DW,
+                                         stride_xc, stride_xh, stride_xw, KH, KW)
+                u = tl.load(x_base + uo, mask=um, other=0.0)  # [BLOCK_K, BLOCK_D]
+                w = tl.dot(tl.trans(g), u, w, input_precision=DOT_PRECISION)
+            acc += c * w
 
     rows = grp * P + offs_p
     out = out_ptr + pid_s.to(tl.int64) * GROUPS * P * D + rows[:, None] * D + offs_d[None, :]
@@ -401,26 +403,31 @@ def conv2d_bias_grads_spec(B: int, C: int, T: int) -> LaunchSpec:
                       outputs={"out": (B, C)})
 
 
-def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry) -> LaunchSpec:
-    """Tiles over (groups x P, D); the B*T reduction rows are split into SPLIT slices when the
-    tile grid alone cannot fill the GPU. Each slice writes its own [C_out, D] partial that the
-    binding sums in order: deterministic, no atomics."""
-    bp = block(geo.P, 64, 128)
-    bd = block(geo.D, 64, 128)
-    rows = geo.B * geo.T
-    bk = block(rows, 32, 256)
+def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
+    """Design (a) launch (see the kernel): tiles over (groups x P, D); the B examples are split
+    into slices of ``outputs["examples_per_split"]`` whole examples when the tile grid alone
+    cannot fill the GPU. Each slice writes its own [C_out, D] partial that the binding sums in
+    order: deterministic, no atomics. BLOCK_K pads T least
+    (:func:`dpprims.kernels.linear.segment_block_k`), capped at 32: the implicit-im2col address
+    tile of BLOCK_K = 64 took a 64 x 128 build to 255 registers on sm_90 (188 at 32); 16 for
+    fp32 operands (``itemsize`` 4), as Linear. ``arch``: compute capability; two fp32
+    [BLOCK_P, BLOCK_D] tiles live in registers, 128 x 128 at 8 warps on sm_90, 128 x 64 at 4
+    warps on sm_80 (as Linear)."""
+    wide = arch >= 90
+    bp = block(geo.P, 128, 128)
+    bd = block(geo.D, 128 if wide else 64, 128)
+    bk = segment_block_k(geo.T, 16 if itemsize >= 4 else 32)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
-    if interpreting():
-        split = 1
-    else:
-        # ~4 programs per SM on a 132-SM part, every slice >= 8 K-blocks (as linear).
-        split = max(1, min(cdiv(528, n_tiles), cdiv(rows, 8 * bk), 64))
-    rows_per_split = cdiv(cdiv(rows, split), bk) * bk
-    split = max(1, cdiv(rows, rows_per_split))
+    split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)))
+    examples_per_split = cdiv(geo.B, split)
+    split = max(1, cdiv(geo.B, examples_per_split))
+    # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
+    # registers (spills, measured on sm_90).
+    warps = 8 if (wide and bp * bd >= 64 * 128 and not interpreting()) else 4
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
-                      num_warps=4,
-                      outputs={"partials": (split, geo.C_out, geo.D), "rows_per_split": rows_per_split})
+                      num_warps=warps,
+                      outputs={"partials": (split, geo.C_out, geo.D), "examples_per_split": examples_per_split})
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ Math (shared/DESIGN.md, section 1):
   Fixed row order inside a program and a fixed sort: reruns agree bit for bit.
 
 Precision: dots accumulate in fp32; fp32 operands use ``DOT_PRECISION`` ("ieee" by default,
-as for Linear). In the clipped sum c_i * g stays fp32 and the dot runs on fp32 operands (the
-one-hot operand is exact): rounding c_i * g to a half dtype could push a contribution past C.
+as for Linear). The clipped sum runs on tensor cores in the input dtype: G's rows stay unscaled
+and c_i, rounded toward zero onto the input dtype, rides in the one-hot operand (see the
+kernel), so no contribution can exceed c_i ||dW_i|| (docs/PRIVACY.md).
 
 This module imports only triton; launch arithmetic lives in the ``*_spec`` functions below and
 is shared by the torch and JAX bindings.
@@ -42,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._launch import LaunchSpec, block, cdiv, interpreting
+from .linear import _round_toward_zero
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,14 +102,21 @@ def _embedding_norm_ghost_kernel(
 @triton.jit
 def _embedding_clipped_grad_kernel(
     keys_ptr, perm_ptr, bounds_ptr, g_ptr, c_ptr,
-    out_ptr,
     T, V, P,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
 ):
     """out[v-tile, p-tile] = sum over sorted rows j with keys[j] in the v-tile of
-    c_i G_i[t] scattered to row keys[j], where perm[j] = i*T + t. out is [V, P] fp32.
+    c'_i G_i[t] scattered to row keys[j], where perm[j] = i*T + t and c'_i is c_i rounded
+    toward zero onto ROUND_DTYPE (the input dtype, or "tf32"). out is [V, P] fp32.
+
+    Tensor cores with the bound kept (docs/PRIVACY.md): the clip factor goes into the one-hot
+    operand, S[k, v] = c'_i [keys[k] == v], and G's rows stay UNSCALED in the input dtype, so the
+    dot S^T G multiplies two input-dtype operands exactly in fp32. Example i then contributes
+    exactly c'_i dW_i (up to fp32 accumulation), and c'_i <= c_i: its norm is at most
+    c_i ||dW_i||, whatever the rounding, subnormals and saturation included.
 
     keys [N] are sorted ascending (any int dtype); rows that must not contribute carry a key
     >= V and are never visited. bounds [n_v_tiles + 1] (int64) holds, for each v-tile start
@@ -125,7 +134,7 @@ def _embedding_clipped_grad_kernel(
     lo = tl.load(bounds_ptr + pid_v)
     hi = tl.load(bounds_ptr + pid_v + 1)
 
-    acc = tl.zeros((BLOCK_V, BLOCK_P), dtype=tl.float32)  # [BLOCK_V, BLOCK_P] tile of sum_i c_i dW_i
+    acc = tl.zeros((BLOCK_V, BLOCK_P), dtype=tl.float32)  # [BLOCK_V, BLOCK_P] tile of sum_i c'_i dW_i
     for j0 in range(lo, hi, BLOCK_K):
         j = j0 + offs_k  # [BLOCK_K] positions in the sorted order
         in_rows = j < hi
@@ -136,10 +145,13 @@ def _embedding_clipped_grad_kernel(
         c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] clip factors
         keep = in_rows & (c != 0.0)
         g = tl.load(g_ptr + i[:, None] * stride_gb + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
-                    mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = g.to(tl.float32) * c[:, None]  # fp32: rounding c*G to half could push a contribution past C
-        onehot = ((key[:, None] == offs_v[None, :]) & keep[:, None]).to(tl.float32)  # [BLOCK_K, BLOCK_V]
-        acc = tl.dot(tl.trans(onehot), g, acc, input_precision=DOT_PRECISION)
+                    mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P] unscaled
+        # [BLOCK_K] c'_i <= c_i, exact in the operand dtype (with "tf32" the tensor core's own
+        # operand rounding then leaves it alone and rounds G exactly as in the norm kernel)
+        c_r = _round_toward_zero(c, ROUND_DTYPE)
+        hit = (key[:, None] == offs_v[None, :]) & keep[:, None]
+        s = tl.where(hit, c_r[:, None], 0.0).to(g.dtype)  # [BLOCK_K, BLOCK_V] scaled one-hot (exact cast)
+        acc = tl.dot(tl.trans(s), g, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + offs_v.to(tl.int64)[:, None] * P + offs_p[None, :]
     tl.store(out, acc, mask=(offs_v[:, None] < V) & (offs_p[None, :] < P))
@@ -157,14 +169,16 @@ def embedding_norm_ghost_spec(B: int, T: int, P: int) -> LaunchSpec:
                       num_warps=4 if interpreting() else 8, outputs={"partials": (B, n_t * n_t)})
 
 
-def embedding_clipped_grad_spec(N: int, V: int, P: int) -> LaunchSpec:
-    """Grid over [BLOCK_V, BLOCK_P] output tiles; N = B*T sorted rows. A small BLOCK_V keeps the
-    one-hot dot cheap (2*N*BLOCK_V*P flops in all). ``outputs["bounds"]`` is the length of the
-    tile-bounds array the binding fills (searchsorted of the tile starts and V in the keys)."""
-    # GPU tiles: the [BLOCK_K, BLOCK_P] gather of G rows carries one 64-bit address per element;
-    # 32 x 64 x 32 at 4 warps compiles to ~160 registers without spills on sm_90 (wider K or P
-    # tiles hit the 255-register cap or spill).
-    bv = block(V, 32, 64)
+def embedding_clipped_grad_spec(N: int, V: int, P: int, arch: int = 90) -> LaunchSpec:
+    """Grid over [BLOCK_V, BLOCK_P] output tiles; N = B*T sorted rows; ``arch`` the compute
+    capability. A small BLOCK_V keeps the one-hot dot cheap (2*N*BLOCK_V*P flops in all).
+    ``outputs["bounds"]`` is the length of the tile-bounds array the binding fills
+    (searchsorted of the tile starts and V in the keys)."""
+    # GPU tiles: the [BLOCK_K, BLOCK_P] gather of G rows carries one 64-bit address per element.
+    # sm_90: BLOCK_V = 64 so the scaled one-hot fills a wgmma M = 64 tile; 64 x 64 x 32 at 4
+    # warps compiles to 168 registers, no spills (32 x 64 x 32 fell back to mma.sync at 254).
+    # sm_80: 32 x 64 x 32 (mma.sync).
+    bv = block(V, 64 if arch >= 90 else 32, 64)
     bp = block(P, 64, 128)
     bk = block(N, 32, 128)
     n_v = cdiv(V, bv)

@@ -15,8 +15,11 @@ Math (shared/DESIGN.md, section 1):
   [BLOCK_T, BLOCK_T] tiles of both Gram matrices, never written; only tiles with j <= k are
   computed and off-diagonal tiles count twice. About 2*T^2*(D+P) flops per example.
 * T = 1:   ||g_i a_i^T||_F^2 = ||a_i||^2 ||g_i||^2 (two row reductions, no dot at all).
-* clipped weight gradient (Book-Keeping): sum_i c_i G_i^T A_i = (c * G)^T A, ONE weight-gradient
-  GEMM over the B*T rows with the per-example factor c_i fused into the load of G.
+* clipped weight gradient (Book-Keeping): sum_i c_i G_i^T A_i, ONE weight-gradient GEMM over the
+  B*T rows on tensor cores in the input dtype. T > 1: each example's unscaled tiles are
+  multiplied into an fp32 tile that is then scaled by c_i (design (a)); T = 1: c_i g_i is
+  rounded toward zero onto the input dtype (design (b), rank one). docs/PRIVACY.md proves that
+  either way no contribution exceeds c_i ||G_i^T A_i||.
 
 All reductions are deterministic: every program writes its own partial (a tile of the
 norm, or a split-K slice of the weight gradient) and the binding sums the partials in a fixed
@@ -25,13 +28,14 @@ order (two-stage reduction, Triton tutorial 05). No atomics anywhere.
 Precision: operands are loaded in their own dtype (fp32, fp16, bf16) and every dot accumulates
 in fp32. The norm kernels multiply half-precision operands exactly (products of halves are
 exact in fp32). ``DOT_PRECISION`` is the ``tl.dot`` precision for fp32 operands: "ieee"
-(default) or "tf32x3" (near-fp32 accuracy on tensor cores). Plain "tf32" is not offered: a norm
-~2^-11 too small, or a clipped sum rounded to TF32, lets a contribution exceed C. The clipped
-weight gradient always runs on fp32 operands (see its kernel's docstring).
+(default), "tf32x3" (near-fp32 accuracy on tensor cores) or "tf32": safe only because the
+clipped sums feed the tensor core the same operands the norm kernels measured (design (a)), or
+TF32 values rounded toward zero (design (b)); docs/PRIVACY.md says which is which.
 
-Non-finite inputs: rows of an example whose factor c_i is 0 are *masked* in the clipped
-gradient (not multiplied by 0), so an example with an inf/NaN activation or gradient
-contributes exactly nothing, as the clip-factor contract promises.
+Non-finite inputs: an example whose factor c_i is 0 is *skipped* (design (a)) or its rows
+*masked* (design (b), bias) in the clipped gradient, never multiplied by 0, so an example with
+an inf/NaN activation or gradient contributes exactly nothing, as the clip-factor contract
+promises.
 
 This module imports only triton; launch arithmetic lives in the ``*_spec`` functions below and
 is shared by the torch and JAX bindings.
@@ -177,25 +181,59 @@ def _linear_bias_norm_kernel(
 # clipped sums (Book-Keeping)
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _round_toward_zero(x, ROUND_DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded toward zero onto the value set of ROUND_DTYPE, returned as fp32.
+
+    ROUND_DTYPE: "fp32" (unchanged), "bf16", "fp16" or "tf32". Every result element y satisfies
+    |y| <= |x| and y is exactly representable in ROUND_DTYPE (so a later cast to it, or the
+    tensor core's own TF32 operand rounding, changes nothing). Done with integer bit operations,
+    identical under the interpreter and on a GPU:
+
+    * bf16 / tf32 (fp32's exponent range): keep the top 16 / 19 bits of the fp32 pattern,
+      i.e. truncate the significand; this is rounding toward zero for normals and subnormals
+      alike; +-inf is first clamped to +-FP32_MAX (whose truncation is the format's largest
+      finite value).
+    * fp16: clamp to +-65504 (fp16's largest finite value; rounding toward zero saturates),
+      truncate the significand to 10 bits for |x| >= 2^-14, and below (fp16's subnormal range)
+      truncate to a multiple of 2^-24 through an int32 conversion (which truncates toward 0).
+    """
+    y = x
+    if ROUND_DTYPE == "bf16":
+        y = tl.minimum(tl.maximum(y, -3.4028234663852886e38), 3.4028234663852886e38)
+        y = (y.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    if ROUND_DTYPE == "tf32":
+        y = tl.minimum(tl.maximum(y, -3.4028234663852886e38), 3.4028234663852886e38)
+        y = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    if ROUND_DTYPE == "fp16":
+        y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)
+        normal = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        tiny = tl.minimum(tl.maximum(y, -6.103515625e-05), 6.103515625e-05)  # 2^-14: fp16's smallest normal
+        subnormal = (tiny * 16777216.0).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08  # 2^24, 2^-24
+        y = tl.where(tl.abs(y) < 6.103515625e-05, subnormal, normal)
+    return y
+
+
+@triton.jit
 def _linear_clipped_weight_grad_kernel(
     a_ptr, g_ptr, c_ptr,
-    out_ptr,
-    B, T, D, P, ROWS_PER_SPLIT,
+    B, T, D, P, EXAMPLES_PER_SPLIT,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[s, P-tile, D-tile] = sum over rows r = (i, t) of split s of c_i G_i[t]^T A_i[t].
+    """out[s, P-tile, D-tile] = sum over the examples i of split s of c_i (G_i^T A_i)[tile].
 
-    The reduction dimension is the B*T rows; row r belongs to example i = r // T. The factor
-    c_i is applied in fp32 while G is loaded and the product stays fp32: rounding c_i * G back
-    to fp16/bf16 (or to TF32 inside the dot) would perturb example i's contribution by ~2^-11
-    relative to sum_t |g_t||a_t|, which the norm pass never sees, and a contribution could then
-    exceed C (by up to ~2x where positions cancel). So the dot runs on fp32 operands
-    (DOT_PRECISION "ieee" or "tf32x3"), whatever the input dtype. Rows with c_i == 0 are
-    masked in both operands so that non-finite values of a dropped example cannot leak in as
-    NaN = 0 * inf.
+    Design (a), "scale outside the MMA" (docs/PRIVACY.md): the reduction walks one example at a
+    time; the example's UNSCALED operand tiles, in the input dtype (bf16 / fp16 on tensor
+    cores; fp32 with DOT_PRECISION), are multiplied into a fresh fp32 tile W_i = G_i^T A_i over
+    its T positions (BLOCK_K rows per step, the last step masked at T: a K-block never holds
+    two examples), and only then acc += c_i * W_i in fp32. Nothing is rounded after c_i is
+    applied, so the contribution is c_i times the same product the norm pass measured (up to
+    fp32 accumulation order). Splits own whole examples, each writes its own partial: no
+    example straddles a split and no atomics. An example with c_i == 0 is skipped entirely
+    (its possibly non-finite rows are never read).
     """
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -203,24 +241,78 @@ def _linear_clipped_weight_grad_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
-    n_rows = B * T
+    e_lo = pid_s * EXAMPLES_PER_SPLIT
+    e_hi = tl.minimum(e_lo + EXAMPLES_PER_SPLIT, B)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D] sum_i c_i W_i
+    for i in range(e_lo, e_hi):
+        c = tl.load(c_ptr + i)  # example i's clip factor (fp32)
+        if c != 0.0:
+            a_base = a_ptr + tl.cast(i, tl.int64) * stride_ab
+            g_base = g_ptr + tl.cast(i, tl.int64) * stride_gb
+            w = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D] tile of W_i
+            for t0 in range(0, T, BLOCK_K):
+                t = t0 + offs_k
+                g = tl.load(g_base + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
+                            mask=(t[:, None] < T) & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
+                a = tl.load(a_base + t[:, None] * stride_at + offs_d[None, :] * stride_ad,
+                            mask=(t[:, None] < T) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+                w = tl.dot(tl.trans(g), a, w, input_precision=DOT_PRECISION)
+            acc += c * w
+
+    out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _linear_clipped_weight_grad_rank1_kernel(
+    a_ptr, g_ptr, c_ptr,
+    B, D, P, ROWS_PER_SPLIT,
+    stride_ab, stride_ad,
+    stride_gb, stride_gp,
+    out_ptr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+):
+    """out[s, P-tile, D-tile] = sum over the examples i of split s of y_i a_i^T, T = 1, where
+    y_i = round_toward_zero(c_i g_i) in ROUND_DTYPE.
+
+    Design (b), rank one (docs/PRIVACY.md): example i's contribution y_i a_i^T has Frobenius
+    norm ||y_i|| ||a_i||, and rounding toward zero never increases a magnitude, so
+    |y_i[p]| <= |c_i g_i[p]| for every p: the contribution is at most c_i ||g_i|| ||a_i||,
+    with no margin needed and no exception for subnormals or underflow (a value that underflows
+    becomes 0, which is smaller). The products y_i[p] a_i[d] of two half (or TF32) values are
+    exact in fp32. So the rows go straight into one ordinary GEMM in the input dtype (tensor
+    cores for bf16/fp16; ROUND_DTYPE "tf32" with DOT_PRECISION "tf32" for fp32, where a_i is
+    truncated too so that the tensor core's TF32 operand rounding is the identity). Under the
+    interpreter the bindings pass bf16 operands as fp32 (its bf16 dot is broken) but keep
+    ROUND_DTYPE "bf16", so the rounding tested on CPU is the one a GPU performs. Rows with
+    c_i == 0 are masked in both operands (a dropped example's inf/NaN never enters).
+    """
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
     r_lo = pid_s * ROWS_PER_SPLIT
-    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, n_rows)
+    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, B)
 
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D]
     for r0 in range(r_lo, r_hi, BLOCK_K):
-        r = r0 + offs_k  # [BLOCK_K] flat (example, position) rows
-        in_rows = r < r_hi
-        i = (r // T).to(tl.int64)
-        t = (r % T).to(tl.int64)
-        c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] per-example clip factors
+        i = r0 + offs_k  # [BLOCK_K] examples
+        in_rows = i < r_hi
+        c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] clip factors
         keep = in_rows & (c != 0.0)
-        g = tl.load(g_ptr + i[:, None] * stride_gb + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
+        i64 = i.to(tl.int64)
+        g = tl.load(g_ptr + i64[:, None] * stride_gb + offs_p[None, :] * stride_gp,
                     mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
-        g = g.to(tl.float32) * c[:, None]  # scaled in fp32 and kept there (see docstring)
-        a = tl.load(a_ptr + i[:, None] * stride_ab + t[:, None] * stride_at + offs_d[None, :] * stride_ad,
-                    mask=keep[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-        acc = tl.dot(tl.trans(g), a, acc, input_precision=DOT_PRECISION)
+        a = tl.load(a_ptr + i64[:, None] * stride_ab + offs_d[None, :] * stride_ad,
+                    mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+        y = _round_toward_zero(g.to(tl.float32) * c[:, None], ROUND_DTYPE).to(a.dtype)  # exact cast
+        if ROUND_DTYPE == "tf32":
+            a = _round_toward_zero(a, ROUND_DTYPE)
+        acc = tl.dot(tl.trans(y), a, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
     tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
@@ -286,25 +378,82 @@ def linear_bias_norm_spec(B: int, T: int, P: int) -> LaunchSpec:
                       outputs={"partials": (B, n_p)})
 
 
-def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int) -> LaunchSpec:
-    """Tiles over (P, D); the B*T reduction rows are split into SPLIT slices when the output
-    tile grid alone cannot fill the GPU (small layers, big batches). Each slice writes its own
-    [P, D] partial that the binding sums in order: deterministic, no atomics."""
-    bp = block(P, 64, 128)
-    bd = block(D, 64, 128)
-    bk = block(B * T, 32, 128)
-    n_tiles = cdiv(P, bp) * cdiv(D, bd)
-    rows = B * T
+def clipped_round_dtype(dtype: str, precision: str) -> str:
+    """ROUND_DTYPE of the clipped-sum kernels for operands of ``dtype`` ("float32", "float16",
+    "bfloat16"; torch/numpy names, a "torch." prefix is ignored) and the fp32 dot ``precision``:
+    the value set the scaled operand is rounded onto (toward zero) before its dot."""
+    name = str(dtype).replace("torch.", "")
+    if name == "bfloat16":
+        return "bf16"
+    if name == "float16":
+        return "fp16"
+    if name == "float32":
+        return "tf32" if precision == "tf32" else "fp32"
+    raise ValueError(f"clipped sums take float32, float16 or bfloat16 operands, got {dtype}")
+
+
+def clipped_sum_split(n_tiles: int, units: int, min_units: int) -> int:
+    """Number of deterministic split-K slices: ~4 programs per SM on a 132-SM part when the
+    output tiles alone cannot fill the GPU, every slice >= ``min_units`` reduction units.
+    Under the interpreter up to 3 slices, so CPU tests exercise the partial sums."""
     if interpreting():
-        split = 1
-    else:
-        # Aim for ~4 programs per SM on a 132-SM part, but give every slice >= 8 K-blocks.
-        split = max(1, min(cdiv(528, n_tiles), cdiv(rows, 8 * bk), 64))
-    rows_per_split = cdiv(cdiv(rows, split), bk) * bk
-    split = max(1, cdiv(rows, rows_per_split))
+        return max(1, min(3, units))
+    return max(1, min(cdiv(528, n_tiles), cdiv(units, min_units), 64))
+
+
+def segment_block_k(T: int, cap: int = 64) -> int:
+    """BLOCK_K for design (a): K-blocks never cross examples, so the last block of every
+    example is masked at T. Among 64, 32, 16 (at most ``cap``) take the largest with the least
+    padding (T = 16 -> 16, 49 -> 64, 196 -> 16, 1024 -> 64)."""
+    best = None
+    for bk in (b for b in (64, 32, 16) if b <= max(cap, 16)):
+        waste = cdiv(T, bk) * bk - T
+        if best is None or waste < best[0]:
+            best = (waste, bk)
+    return best[1]
+
+
+def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
+    """Launch of the clipped weight-gradient sum. ``outputs["kernel"]`` names the kernel:
+
+    * T = 1: ``_linear_clipped_weight_grad_rank1_kernel`` (design (b)); the B rows are split
+      into slices of ``outputs["rows_per_split"]`` rows (a multiple of BLOCK_K);
+    * T > 1: ``_linear_clipped_weight_grad_kernel`` (design (a)); the B examples are split into
+      slices of ``outputs["examples_per_split"]`` whole examples.
+
+    Tiles over (P, D); each slice writes its own [P, D] fp32 partial that the binding sums in
+    order: deterministic, no atomics. ``arch``: compute capability (80, 90, ...). Design (a)
+    holds two fp32 [BLOCK_P, BLOCK_D] tiles (the running sum and W_i) in registers: 128 x 128
+    with 8 warps on sm_90 (two wgmma warpgroups), 128 x 64 with 4 warps on sm_80. ``itemsize``:
+    operand bytes (2 for bf16/fp16, 4 for fp32). BLOCK_K is capped (compiled and counted with
+    cuobjdump: no spills): 64 for half operands on sm_90, 32 on sm_80, 16 for fp32 operands,
+    whose 64-row tiles spilled (~200 spill stores) at 255 registers."""
+    if T == 1:
+        bp = block(P, 128, 128)
+        bd = block(D, 128, 128)
+        bk = block(B, 32, 128)
+        n_tiles = cdiv(P, bp) * cdiv(D, bd)
+        split = clipped_sum_split(n_tiles, cdiv(B, bk), 8)
+        rows_per_split = cdiv(cdiv(B, split), bk) * bk
+        split = max(1, cdiv(B, rows_per_split))
+        return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
+                          constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
+                          num_warps=8 if (bp * bd >= 128 * 128 and not interpreting()) else 4,
+                          outputs={"partials": (split, P, D), "rows_per_split": rows_per_split,
+                                   "kernel": "_linear_clipped_weight_grad_rank1_kernel"})
+    wide = arch >= 90
+    bp = block(P, 128, 128)
+    bd = block(D, 128 if wide else 64, 128)
+    bk = segment_block_k(T, 16 if itemsize >= 4 else (64 if wide else 32))
+    n_tiles = cdiv(P, bp) * cdiv(D, bd)
+    split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)))
+    examples_per_split = cdiv(B, split)
+    split = max(1, cdiv(B, examples_per_split))
+    warps = 8 if (wide and bp * bd >= 128 * 128 and not interpreting()) else 4
     return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
-                      constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk), num_warps=4,
-                      outputs={"partials": (split, P, D), "rows_per_split": rows_per_split})
+                      constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk), num_warps=warps,
+                      outputs={"partials": (split, P, D), "examples_per_split": examples_per_split,
+                               "kernel": "_linear_clipped_weight_grad_kernel"})
 
 
 def linear_clipped_bias_grad_spec(B: int, T: int, P: int) -> LaunchSpec:

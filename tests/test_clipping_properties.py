@@ -19,10 +19,15 @@ Half precision (autocast fp16 / bf16 activations into fp32 parameters) used to V
 bound: the clipped-sum kernels rounded c_i * G_i back to the half operand dtype before the dot,
 which the norm pass never sees, so a contribution could exceed C by ~2^-11 (fp16) / 2^-9 (bf16)
 relative for T = 1 and by up to ~100% when c_i * G_i is an fp16 subnormal or positions cancel.
-The kernels now keep c_i * G_i in fp32 and run the clipped GEMM on fp32 operands; the cases
-below are the exact reproducers of that bug and must hold on every path. bf16 runs under the
-interpreter too: its tl.dot multiplies raw bf16 bit patterns (triton-lang/triton#11584), so the
-bindings upcast bf16 operands to fp32 there (exact), and compiled kernels keep bf16.
+The clipped sums now run on tensor cores in the input dtype with the bound kept
+(docs/PRIVACY.md): T > 1 scales each example's unscaled fp32 tile by c_i after the MMA
+(design (a)), T = 1 rounds c_i g_i toward zero onto the input dtype (design (b)). The
+reproducers of the old bug below are unchanged and must hold on every path; the cases at the
+end of the file are aimed at the new design (round-to-nearest at T = 1, fp16 underflow,
+cancellation across K-block boundaries, examples sharing K-blocks or splits). bf16 runs under
+the interpreter too: its tl.dot multiplies raw bf16 bit patterns (triton-lang/triton#11584), so
+the bindings upcast bf16 operands to fp32 there (exact), while the kernels still round onto
+bf16 (ROUND_DTYPE), and compiled kernels keep bf16.
 
 Tests run on the ``device`` of conftest (cuda when present, else cpu + interpreter), so on a GPU
 they check the compiled kernels.
@@ -335,3 +340,126 @@ def test_half_precision_reproducers(a, g, C, dtype, observed):
 def test_half_precision_reproducers_fp32(a, g, C):
     """The same inputs in fp32 are within the bound: the violation is the half rounding."""
     assert _one_layer_contribution(a, g, C, torch.float32) <= 1.0 + FP32_SLACK
+
+
+# ======================================================= reproducers aimed at the tensor-core design
+# The clipped sums now run on tensor cores in the input dtype (docs/PRIVACY.md): T > 1 multiplies
+# each example's unscaled tiles into an fp32 tile and scales that by c_i (design (a)); T = 1
+# rounds c_i g_i TOWARD ZERO onto the input dtype (design (b)). The cases below are built so
+# that a plausible wrong version of that design breaks the bound: round-to-nearest at T = 1
+# (every coordinate just above a rounding midpoint, or an fp16 value that rounds up from below
+# half the smallest subnormal), a K-block or split that mixes two examples, or c_i applied
+# before a half rounding where positions cancel across a K-block boundary (BLOCK_K = 16 at T = 33).
+_U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff
+_HALF = [pytest.param(torch.bfloat16, id="bf16", marks=BF16_MARKS),
+         pytest.param(torch.float16, id="fp16", marks=FP16_MARKS)]
+
+
+def _contribution_in_batch(a, g, C, dtype, B, index):
+    """.grad norm / C of example ``index`` alone in a batch of B copies of (a [T, D], g [T, P])
+    (the others padding), through a bias-free Linear under autocast."""
+    a = torch.tensor(a, dtype=torch.float32, device=DEVICE).reshape(1, len(a), -1).repeat(B, 1, 1)
+    g = torch.tensor(g, dtype=torch.float32, device=DEVICE).reshape(1, len(g), -1).repeat(B, 1, 1)
+    lin = nn.Linear(a.shape[-1], g.shape[-1], bias=False).to(DEVICE)
+    engine = DPEngine(lin, max_grad_norm=C)
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = lin(a)
+    engine.backward((y.float() * g).sum((1, 2)), mask=F.one_hot(torch.tensor(index, device=DEVICE), B))
+    return float(lin.weight.grad.double().norm()) / C
+
+
+def _rn_ratio(a, g, C, dtype):
+    """What a round-to-NEAREST T = 1 design would give for the same inputs (numpy emulation of
+    fp32 norm and factor, c * g rounded to the half dtype): the negative control."""
+    a16 = torch.tensor(a, dtype=dtype).float().double()
+    g16 = torch.tensor(g, dtype=dtype).float()
+    n = np.float32(float(a16.norm()) * float(g16.double().norm()))
+    c = np.float32(min(1.0, np.float32(C) / np.float32(n + np.float32(1e-6))))
+    y = (g16 * float(c)).to(dtype).double()
+    return float(y.norm() * a16.norm()) / C
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+@pytest.mark.parametrize("index", [0, 3])
+def test_rank_one_every_coordinate_just_above_a_midpoint(dtype, index):
+    """T = 1, 16 coordinates g_p = 1 and c = 1/2 (1 + u + u/16): every c * g_p sits just above a
+    rounding midpoint, so round-to-nearest inflates the whole contribution by ~(1 + u)."""
+    u = _U[dtype]
+    c_target = 0.5 * (1 + u + u / 16)
+    a, g = [[1.0]], [[1.0] * 16]
+    C = c_target * (4.0 + 1e-6)  # n = ||a|| ||g|| = 4
+    assert _rn_ratio(a, g, C, dtype) > 1 + u / 2  # adversarial for round-to-nearest
+    ratio = _contribution_in_batch(a, g, C, dtype, B=5, index=index)
+    assert ratio <= 1.0 + FP32_SLACK, f"contribution {ratio:.7g} * C"
+    assert ratio >= 1 - 4 * u  # and not clipped away
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_rank_one_fp16_value_below_half_the_smallest_subnormal(index):
+    """T = 1, fp16: c * g = 0.51 * 2^-24 rounds to nearest UP to 2^-24 (1.96x); toward zero it
+    becomes 0 (rounding of tiny values is absolute, not relative: no margin would cover it)."""
+    g16 = float(torch.tensor(1e-5, dtype=torch.float16))
+    a16 = float(torch.tensor(6e4, dtype=torch.float16))
+    c = 0.51 * 2.0 ** -24 / g16
+    C = c * (a16 * g16 + 1e-6)
+    a, g = [[6e4]], [[1e-5]]
+    assert _rn_ratio(a, g, C, torch.float16) > 1.9
+    ratio = _contribution_in_batch(a, g, C, torch.float16, B=2, index=index)
+    assert ratio <= 1.0 + FP32_SLACK, f"contribution {ratio:.7g} * C"
+
+
+def _cancelling_rows(T, pairs, u):
+    """a [T, 1], g [T, 1]: rows (s, s + 1) of each pair carry g = 1 and -(1 - 8u), a = 1; the
+    rest are zero rows, so G^T A = len(pairs) * 8u while sum_t |g_t||a_t| ~ 2 len(pairs)."""
+    a = [[0.0] for _ in range(T)]
+    g = [[0.0] for _ in range(T)]
+    for s in pairs:
+        a[s] = a[s + 1] = [1.0]
+        g[s], g[s + 1] = [1.0], [-(1.0 - 8 * u)]
+    return a, g
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+@pytest.mark.parametrize("index", [0, 3, 6])
+def test_cancellation_across_a_k_block_boundary(dtype, index):
+    """T = 33 (BLOCK_K = 16): the cancelling rows sit at t = 15/16 and 31/32, across K-block
+    boundaries; in a batch of 7 (three splits under the interpreter) the example is the first,
+    a middle or the last one. A design rounding c_i * g_t to the half dtype exceeds C here."""
+    u = _U[dtype]
+    a, g = _cancelling_rows(33, [15, 31], u)
+    C = 1e-3
+    ratio = _contribution_in_batch(a, g, C, dtype, B=7, index=index)
+    assert ratio <= 1.0 + FP32_SLACK, f"contribution {ratio:.7g} * C"
+    assert ratio >= 0.99
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+def test_neighbouring_examples_do_not_share_a_segment(dtype):
+    """All 7 examples active at once, each clipped, with different cancelling layouts at the
+    K-block boundaries: example i's contribution W(all) - W(all but i) stays <= C, so no
+    K-block or split lets one example's rows be scaled by another's factor."""
+    u = _U[dtype]
+    T, B = 33, 7
+    rng = np.random.default_rng(7)
+    cases = [_cancelling_rows(T, sorted(rng.choice([12, 15, 28, 31], size=2, replace=False)), u) for _ in range(B)]
+    scale = [float(10.0 ** rng.uniform(0, 2)) for _ in range(B)]
+    a = torch.tensor([ca for ca, _ in cases], dtype=torch.float32, device=DEVICE)
+    g = torch.tensor([cg for _, cg in cases], dtype=torch.float32, device=DEVICE) * torch.tensor(scale, device=DEVICE).view(B, 1, 1)
+    C = 1e-4
+    lin = nn.Linear(1, 1, bias=False).to(DEVICE)
+    engine = DPEngine(lin, max_grad_norm=C)
+
+    def grad(mask):
+        lin.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = lin(a)
+        engine.backward((y.float() * g).sum((1, 2)), mask=mask)
+        return lin.weight.grad.double().clone()
+
+    full = grad(torch.ones(B, device=DEVICE))
+    assert int(engine.last_stats["clipped"]) == B
+    for i in range(B):
+        drop = torch.ones(B, device=DEVICE)
+        drop[i] = 0
+        ratio = float((full - grad(drop)).norm()) / C
+        assert ratio <= 1.0 + FP32_SLACK, f"example {i}: contribution {ratio:.7g} * C"

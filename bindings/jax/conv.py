@@ -27,7 +27,7 @@ from dpprims.kernels import conv as _k
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record
-from .linear import _JNP_PRECISION, _kernel_dtype, check_factors, dot_precision
+from .linear import _JNP_PRECISION, _kernel_dtype, arch, check_factors, clipped_sum_operand, dot_precision
 
 CONV_NORM_METHODS = ("auto", "direct", "ghost")
 _CHUNK_ELEMS = 1 << 24
@@ -253,11 +253,13 @@ def _clipped_weight_grad(x, G, c, *, geo, k, s, pads, d, precision):
 
 
 def conv_clipped_weight_grad_call(x, G, c, geo: Conv2dGeometry, precision: str) -> KernelCall:
-    x, G = _kernel_dtype(x), _kernel_dtype(G)
-    spec = _k.conv2d_clipped_weight_grad_spec(geo)
-    return KernelCall(_k._conv2d_clipped_weight_grad_kernel, spec.grid,
+    """Design (a) (scale outside the MMA), see kernels/conv.py and docs/PRIVACY.md."""
+    kernel = _k._conv2d_clipped_weight_grad_kernel
+    x, G = clipped_sum_operand(x, kernel), clipped_sum_operand(G, kernel)
+    spec = _k.conv2d_clipped_weight_grad_spec(geo, arch=arch(), itemsize=_kernel_dtype(x).dtype.itemsize)
+    return KernelCall(kernel, spec.grid,
                       inputs=dict(x_ptr=x, g_ptr=G, c_ptr=c.astype(jnp.float32), B=geo.B,
-                                  ROWS_PER_SPLIT=spec.outputs["rows_per_split"],
+                                  EXAMPLES_PER_SPLIT=spec.outputs["examples_per_split"],
                                   **_geo_inputs(geo), **_stride_inputs(geo)),
                       outputs=dict(out_ptr=f32(spec.outputs["partials"])),
                       constexprs=dict(spec.constexprs, DOT_PRECISION=precision),

@@ -17,9 +17,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from dpprims.kernels import embedding as _k
+from dpprims.kernels import linear as _kl
 
 from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record, strides
-from .linear import _JNP_PRECISION, _kernel_dtype, as3d, check_factors, dot_precision
+from .linear import _JNP_PRECISION, _kernel_dtype, arch, as3d, check_factors, clipped_sum_operand, dot_precision
 
 
 def _check(ids, G, V: int):
@@ -98,7 +99,10 @@ def _clipped_grad(ids, G, c, *, V, precision):
 
 
 def embedding_clipped_grad_call(ids, G, c, V: int, precision: str) -> KernelCall:
-    G = _kernel_dtype(G)
+    """c_i rounded toward zero rides in the one-hot operand (kernels/embedding.py)."""
+    kernel = _k._embedding_clipped_grad_kernel
+    round_dtype = _kl.clipped_round_dtype(_kernel_dtype(G).dtype.name, precision)
+    G = clipped_sum_operand(G, kernel)
     B, T, P = G.shape
     N = B * T
     # Row keys: the id, or V for rows that must not contribute (invalid id, c_i == 0); one
@@ -106,15 +110,15 @@ def embedding_clipped_grad_call(ids, G, c, V: int, precision: str) -> KernelCall
     keys = jnp.where((ids >= 0) & (c != 0)[:, None], ids, V).reshape(-1).astype(jnp.int32)
     perm = jnp.argsort(keys, stable=True).astype(jnp.int32)
     keys_sorted = keys[perm]
-    spec = _k.embedding_clipped_grad_spec(N, V, P)
+    spec = _k.embedding_clipped_grad_spec(N, V, P, arch=arch())
     # bounds[j]: the first sorted row of v-tile j (bounds[-1]: the first row with key >= V).
     starts = jnp.minimum(jnp.arange(spec.outputs["bounds"], dtype=jnp.int32) * spec.constexprs["BLOCK_V"], V)
     bounds = jnp.searchsorted(keys_sorted, starts, side="left").astype(jnp.int32)
     sg = strides(G)
-    return KernelCall(_k._embedding_clipped_grad_kernel, spec.grid,
+    return KernelCall(kernel, spec.grid,
                       inputs=dict(keys_ptr=keys_sorted, perm_ptr=perm, bounds_ptr=bounds, g_ptr=G,
                                   c_ptr=c.astype(jnp.float32), T=T, V=V, P=P,
                                   stride_gb=sg[0], stride_gt=sg[1], stride_gp=sg[2]),
                       outputs=dict(out_ptr=f32(spec.outputs["out"])),
-                      constexprs=dict(spec.constexprs, DOT_PRECISION=precision),
+                      constexprs=dict(spec.constexprs, DOT_PRECISION=precision, ROUND_DTYPE=round_dtype),
                       num_warps=spec.num_warps, name="embedding_clipped_grad")

@@ -11,17 +11,22 @@ multiplied by 0), so inf/NaN in a dropped example's A or G contributes exactly n
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from dpprims.kernels import linear as _k
 
 from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record, strides
+from ._call import _is_interpreted as is_interpreted
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 NORM_METHODS = ("direct", "ghost", "outer")
 
-_JNP_PRECISION = {"ieee": lax.Precision.HIGHEST, "tf32x3": lax.Precision.HIGH, "tf32": lax.Precision.DEFAULT}
+# "tf32" is safe on the kernel paths only, where the clipped sums multiply the same operands the
+# norm kernels measured (docs/PRIVACY.md). The jnp paths scale c * G before their einsum, which
+# XLA would round to TF32 on a GPU, so there "tf32" means HIGHEST (fp32) in norms and sums alike.
+_JNP_PRECISION = {"ieee": lax.Precision.HIGHEST, "tf32x3": lax.Precision.HIGH, "tf32": lax.Precision.HIGHEST}
 
 # At most this many elements of per-example gradients exist at once on the jnp "direct" path.
 _DIRECT_CHUNK_ELEMS = 1 << 24
@@ -227,21 +232,46 @@ def _clipped_weight_grad(A, G, c, *, precision):
     return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)
 
 
+def arch() -> int:
+    """Compute capability (e.g. 90) of JAX's first GPU, for the launch specs; 90 without one."""
+    try:
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        return int(round(float(cc) * 10)) if cc else 90
+    except Exception:  # no backend, or a device kind without the attribute
+        return 90
+
+
+def clipped_sum_operand(x, kernel):
+    """Operands of the clipped-sum kernels: ``_kernel_dtype``, and bf16 upcast to fp32 (exact)
+    under Triton's interpreter, whose bf16 tl.dot is wrong; the kernels' ROUND_DTYPE still comes
+    from the original dtype, so the rounding a GPU does is the one tested on CPU."""
+    x = _kernel_dtype(x)
+    return x.astype(jnp.float32) if x.dtype == jnp.bfloat16 and is_interpreted(kernel) else x
+
+
 def linear_clipped_weight_grad_call(A, G, c, precision: str) -> KernelCall:
-    A, G = _kernel_dtype(A), _kernel_dtype(G)
+    """Design (b) (rank one) for T = 1, design (a) (scale outside the MMA) for T > 1; see
+    kernels/linear.py and docs/PRIVACY.md."""
     B, T, D = A.shape
     P = G.shape[2]
-    spec = _k.linear_clipped_weight_grad_spec(B, T, D, P)
+    spec = _k.linear_clipped_weight_grad_spec(B, T, D, P, arch=arch(), itemsize=_kernel_dtype(A).dtype.itemsize)
+    kernel = getattr(_k, spec.outputs["kernel"])
+    round_dtype = _k.clipped_round_dtype(_kernel_dtype(A).dtype.name, precision)
+    A, G = clipped_sum_operand(A, kernel), clipped_sum_operand(G, kernel)
     sa, sg = strides(A), strides(G)
-    return KernelCall(
-        _k._linear_clipped_weight_grad_kernel, spec.grid,
-        inputs=dict(a_ptr=A, g_ptr=G, c_ptr=c.astype(jnp.float32), B=B, T=T, D=D, P=P,
-                    ROWS_PER_SPLIT=spec.outputs["rows_per_split"],
-                    stride_ab=sa[0], stride_at=sa[1], stride_ad=sa[2],
-                    stride_gb=sg[0], stride_gt=sg[1], stride_gp=sg[2]),
-        outputs=dict(out_ptr=f32(spec.outputs["partials"])),
-        constexprs=dict(spec.constexprs, DOT_PRECISION=precision),
-        num_warps=spec.num_warps, name="linear_clipped_weight_grad")
+    common = dict(a_ptr=A, g_ptr=G, c_ptr=c.astype(jnp.float32), B=B, D=D, P=P,
+                  stride_ab=sa[0], stride_ad=sa[2], stride_gb=sg[0], stride_gp=sg[2])
+    if T == 1:
+        inputs = dict(common, ROWS_PER_SPLIT=spec.outputs["rows_per_split"])
+        flags = dict(DOT_PRECISION=precision, ROUND_DTYPE=round_dtype)
+    else:
+        inputs = dict(common, T=T, EXAMPLES_PER_SPLIT=spec.outputs["examples_per_split"],
+                      stride_at=sa[1], stride_gt=sg[1])
+        flags = dict(DOT_PRECISION=precision)
+    return KernelCall(kernel, spec.grid, inputs=inputs,
+                      outputs=dict(out_ptr=f32(spec.outputs["partials"])),
+                      constexprs=dict(spec.constexprs, **flags),
+                      num_warps=spec.num_warps, name="linear_clipped_weight_grad")
 
 
 def jnp_clipped_weight_grad(A, G, c, precision: str = "ieee"):

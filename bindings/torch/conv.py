@@ -28,7 +28,7 @@ from dpprims.kernels import conv as _k
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._backend import empty, record
-from .linear import _check_factors, _dot_precision, _launch, _sum_precision, interpreter_safe
+from .linear import _arch, _check_factors, _dot_precision, _launch, interpreter_safe
 
 _METHODS = ("direct", "ghost")
 
@@ -119,23 +119,26 @@ def _(x, G, kernel_size, stride, padding, dilation, groups, method, precision="i
 def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor, kernel_size: list[int],
                                stride: list[int], padding: list[int], dilation: list[int], groups: int,
                                precision: str = "ieee") -> torch.Tensor:
-    """sum_i c_i dW_i in the weight layout [C_out, C_in/groups, *kernel_size] (fp32): one
-    implicit-GEMM weight-gradient conv over the B*T rows with c_i fused into the load of G.
-    Rows of examples with c_i == 0 are masked, not multiplied; B = 0 gives zeros."""
+    """sum_i c_i dW_i in the weight layout [C_out, C_in/groups, *kernel_size] (fp32): an
+    implicit-GEMM weight-gradient conv on tensor cores in the input dtype, one example at a
+    time, each example's unscaled fp32 tile G_i^T U_i scaled by c_i afterwards (design (a),
+    docs/PRIVACY.md), so its contribution has exactly the norm the norm pass measured.
+    Examples with c_i == 0 are skipped, never multiplied; B = 0 gives zeros."""
     geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
     _check_factors(c, geo.B, x)
-    prec = _sum_precision(precision)
+    prec = _dot_precision(x, precision)
     wshape = (geo.C_out, geo.C_in_g, *kernel_size)
     if geo.B == 0 or geo.T == 0:
         return x.new_zeros(wshape, dtype=torch.float32)
     backend = record("conv2d_clipped_weight_grad", x)
     if backend == "torch":
         return _torch_clipped_weight_grad(x4, G4, c, geo).view(wshape)
-    spec = _k.conv2d_clipped_weight_grad_spec(geo)
+    spec = _k.conv2d_clipped_weight_grad_spec(geo, arch=_arch(x), itemsize=x.element_size())
     partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
-    _launch(_k._conv2d_clipped_weight_grad_kernel, spec, x4, G4, c, partials,
-            geo.B, *geo.scalars(), spec.outputs["rows_per_split"], *geo.conv_scalars(),
-            *x4.stride(), *G4.stride(), DOT_PRECISION=prec)
+    x4, G4 = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
+    _launch(_k._conv2d_clipped_weight_grad_kernel, spec, x4, G4, c,
+            geo.B, *geo.scalars(), spec.outputs["examples_per_split"], *geo.conv_scalars(),
+            *x4.stride(), *G4.stride(), partials, DOT_PRECISION=prec)
     out = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
     return out.view(wshape)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from dpprims.kernels import embedding as _k
+from dpprims.kernels import linear as _kl
 
 from ._backend import empty, record
-from .linear import _check_factors, _dot_precision, _sum_precision, interpreter_safe
+from .linear import _arch, _check_factors, _dot_precision, interpreter_safe
 
 
 def _launch(kernel, spec, *args, **kw):
@@ -107,7 +108,7 @@ def embedding_clipped_grad(ids: torch.Tensor, G: torch.Tensor, c: torch.Tensor, 
     if padding_idx is not None and padding_idx >= V:
         raise ValueError(f"padding_idx={padding_idx} out of range for num_embeddings={V}")
     _check_factors(c, B, G)
-    prec = _sum_precision(precision)
+    prec = _dot_precision(G, precision)
     if B == 0 or T == 0 or V == 0 or P == 0:
         return G.new_zeros(V, P, dtype=torch.float32)
     backend = record("embedding_clipped_grad", G)
@@ -121,12 +122,14 @@ def embedding_clipped_grad(ids: torch.Tensor, G: torch.Tensor, c: torch.Tensor, 
             0, torch.where(keep, ids, 0).reshape(-1).long(), rows.reshape(B * T, P))
     keys = torch.where(keep, ids, V).reshape(-1)
     sorted_keys, perm = torch.sort(keys, stable=True)
-    spec = _k.embedding_clipped_grad_spec(B * T, V, P)
+    spec = _k.embedding_clipped_grad_spec(B * T, V, P, arch=_arch(G))
     starts = torch.arange(spec.outputs["bounds"], device=G.device, dtype=keys.dtype) * spec.constexprs["BLOCK_V"]
     bounds = torch.searchsorted(sorted_keys, starts.clamp_(max=V))  # [n_v + 1] int64 row ranges
     out = empty(spec.outputs["out"], device=G.device, dtype=torch.float32)
-    _launch(_k._embedding_clipped_grad_kernel, spec, sorted_keys, perm, bounds, G, c, out,
-            T, V, P, *G.stride(), DOT_PRECISION=prec)
+    G_k = interpreter_safe(G, backend)
+    _launch(_k._embedding_clipped_grad_kernel, spec, sorted_keys, perm, bounds, G_k, c,
+            T, V, P, *G_k.stride(), out, DOT_PRECISION=prec,
+            ROUND_DTYPE=_kl.clipped_round_dtype(G.dtype, precision))
     return out
 
 

@@ -20,7 +20,7 @@ from dpprims.kernels import linear as _k
 
 from ._backend import empty, record
 
-_DOT_PRECISIONS = ("ieee", "tf32x3")
+_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -32,17 +32,24 @@ def _as3d(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _sum_precision(precision: str) -> str:
-    """tl.dot precision of a CLIPPED-SUM kernel: its operands are always fp32 (c_i * G must not
-    be rounded to a half format), so the user's fp32 choice applies to every input dtype."""
+    """tl.dot precision for fp32 operands, shared by the norm and the clipped-sum kernels.
+
+    "ieee" and "tf32x3" are fp32-accurate. Plain "tf32" is allowed because every clipped sum
+    feeds the tensor core the SAME operands the norm kernels measured (docs/PRIVACY.md): design
+    (a) applies c_i outside the MMA (the TF32 rounding of A and G is the one the norm pass saw);
+    design (b) (T = 1) and the embedding sum round toward zero onto TF32 values themselves, so
+    the hardware rounding is the identity. It is safe only when the norms and the sums of one
+    step use the same setting (DPEngine passes one setting to both); the plain-torch CPU path
+    computes both in fp32 whatever the setting."""
     if precision not in _DOT_PRECISIONS:
-        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS} (plain 'tf32' can let a "
-                         f"contribution exceed the clip norm), got {precision!r}")
+        raise ValueError(f"dot precision must be one of {_DOT_PRECISIONS}, got {precision!r}")
     return precision
 
 
 def _dot_precision(x: torch.Tensor, precision: str) -> str:
-    """tl.dot precision of a NORM kernel: the user's choice for fp32 operands; half operands
-    multiply exactly in fp32 whatever the setting (Triton's default is passed)."""
+    """tl.dot precision of a kernel on operands like ``x``: the user's choice for fp32 operands;
+    half operands multiply exactly in fp32 on tensor cores whatever the setting (Triton's
+    default is passed)."""
     precision = _sum_precision(precision)
     return precision if x.dtype == torch.float32 else "tf32"
 
@@ -66,6 +73,14 @@ def _check_pair(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _launch(kernel, spec, *args, **kw):
     kernel[spec.grid](*args, **spec.constexprs, num_warps=spec.num_warps, **kw)
+
+
+def _arch(x: torch.Tensor) -> int:
+    """Compute capability (e.g. 90) of x's CUDA device for the launch specs; 90 elsewhere."""
+    if x.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,13 +191,16 @@ def _check_factors(c: torch.Tensor, B: int, like: torch.Tensor) -> None:
 
 @torch.library.custom_op("dpprims::linear_clipped_weight_grad", mutates_args=())
 def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """sum_i c_i G_i^T A_i [P, D] (fp32): one weight-gradient GEMM over the B*T rows with c_i
-    fused into the load of G. Rows of examples with c_i == 0 are masked, not multiplied."""
+    """sum_i c_i G_i^T A_i [P, D] (fp32), on tensor cores in the input dtype, with every
+    example's contribution of norm <= c_i ||G_i^T A_i|| as the norm pass measured it
+    (docs/PRIVACY.md): T > 1 multiplies each example's unscaled tiles into an fp32 tile and
+    then scales it by c_i (design (a)); T = 1 rounds c_i g_i toward zero onto the input dtype
+    (design (b), rank one). Examples with c_i == 0 are skipped / masked, never multiplied."""
     A, G = _check_pair(A, G)
     B, T, D = A.shape
     P = G.shape[2]
     _check_factors(c, B, A)
-    prec = _sum_precision(precision)
+    prec = _dot_precision(A, precision)
     if B == 0 or T == 0:
         return A.new_zeros(P, D, dtype=torch.float32)
     backend = record("linear_clipped_weight_grad", A)
@@ -197,8 +215,16 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
         return Gs.reshape(-1, P).t() @ A.float().reshape(-1, D)
     spec = _k.linear_clipped_weight_grad_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
     partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
-    _launch(_k._linear_clipped_weight_grad_kernel, spec, A, G, c, partials,
-            B, T, D, P, spec.outputs["rows_per_split"], *A.stride(), *G.stride(), DOT_PRECISION=prec)
+    A_k, G_k = interpreter_safe(A, backend), interpreter_safe(G, backend)
+    if T == 1:  # design (b): c_i g_i rounded toward zero onto the INPUT dtype (bf16 kept under the interpreter)
+        _launch(_k._linear_clipped_weight_grad_rank1_kernel, spec, A_k, G_k, c,
+                B, D, P, spec.outputs["rows_per_split"], A_k.stride(0), A_k.stride(2),
+                G_k.stride(0), G_k.stride(2), partials, DOT_PRECISION=prec,
+                ROUND_DTYPE=_k.clipped_round_dtype(A.dtype, precision))
+    else:  # design (a): unscaled input-dtype tiles per example, c_i applied to the fp32 tile
+        _launch(_k._linear_clipped_weight_grad_kernel, spec, A_k, G_k, c,
+                B, T, D, P, spec.outputs["examples_per_split"], *A_k.stride(), *G_k.stride(),
+                partials, DOT_PRECISION=prec)
     return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
 
 
