@@ -124,3 +124,52 @@ def words(c0, c1, c2, c3, k0, k1, out):
 def select_all(w, v, th, kl):
     for j in range(w.shape[1]):
         v[j], th[j], kl[j] = select(w[0, j], w[1, j], w[2, j], w[3, j], w[4, j])
+
+
+@jit
+def sgd_update(z, grad, param, buf, gout, std, norm, lr, mu, wd, has_buf, nesterov, write_grad):
+    """kernels/update.py, OPTIMIZER == SGD, on one chunk (all fp32, in place)."""
+    m = z.shape[0]
+    if grad.shape[0] != m or param.shape[0] != m or (has_buf and buf.shape[0] != m) or \
+            (write_grad and gout.shape[0] != m):
+        raise ValueError("dpprims.noise_cpu: update chunk shapes differ")
+    for i in range(m):
+        g = (grad[i] + std * z[i]) / norm
+        if write_grad:
+            gout[i] = g
+        p = param[i]
+        d = g + wd * p
+        if has_buf:
+            b = buf[i] * mu + d
+            buf[i] = b
+            if nesterov:
+                d = d + mu * b
+            else:
+                d = b
+        param[i] = p - lr * d
+
+
+@jit
+def adam_update(z, grad, param, exp_avg, exp_avg_sq, gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
+                decay, decoupled, write_grad):
+    """kernels/update.py, OPTIMIZER == ADAM / ADAMW (decoupled), on one chunk (all fp32, in place)."""
+    m = z.shape[0]
+    if grad.shape[0] != m or param.shape[0] != m or exp_avg.shape[0] != m or exp_avg_sq.shape[0] != m or \
+            (write_grad and gout.shape[0] != m):
+        raise ValueError("dpprims.noise_cpu: update chunk shapes differ")
+    for i in range(m):
+        g = (grad[i] + std * z[i]) / norm
+        if write_grad:
+            gout[i] = g
+        p = param[i]
+        if decoupled:
+            p = p * decay
+        else:
+            g = g + wd * p
+        mm = exp_avg[i]
+        mm = mm + omb1 * (g - mm)
+        vv = exp_avg_sq[i] * b2 + omb2 * g * g
+        exp_avg[i] = mm
+        exp_avg_sq[i] = vv
+        denom = np.sqrt(vv) / bc2_sqrt + eps
+        param[i] = p - (step_size * mm) / denom

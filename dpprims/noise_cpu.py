@@ -37,7 +37,7 @@ from dpprims import noise as _nz
 
 log = logging.getLogger("dpprims")
 
-__all__ = ["available", "gaussian_noise", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
+__all__ = ["available", "gaussian_noise", "noisy_update", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
 
@@ -76,11 +76,56 @@ def _compiled():
 def _build():
     from . import _noise_numba as k
 
-    return dict(prep=k.prep, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all)
+    return dict(prep=k.prep, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all,
+                sgd_update=k.sgd_update, adam_update=k.adam_update)
 
 
 def _key(k0: int, k1: int):
     return np.uint32(int(k0) & _M32), np.uint32(int(k1) & _M32)
+
+
+def _check_stream(n: int, pair_offset: int, stream_word: int) -> None:
+    _nz.check_pair_range(pair_offset, n)
+    if stream_word & _nz.SUB_EXTENSION or not 0 <= stream_word <= _M32:
+        raise ValueError(f"stream_word must be a main-block counter word (dpprims.noise.stream_word), "
+                         f"got {stream_word:#x}")
+
+
+def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None):
+    """Yield (e0, e1, z) per chunk: z (float32 view) holds elements [e0, e1) of the noise, written
+    into ``out`` (a flat float32 array of n elements) if given, else into a reused scratch buffer
+    (valid until the next chunk)."""
+    f = _compiled()
+    if f is None:
+        raise RuntimeError("dpprims.noise_cpu needs numba (pip install numba)")
+    n_pairs = (n + 1) // 2
+    if n_pairs == 0:
+        return
+    k0, k1 = _key(k0, k1)
+    c2, c3 = np.uint32(int(step) & _M32), np.uint32(stream_word)
+    fmask, fval = (np.uint32(x) for x in (_FORCE_EXTENSION or (0, 1)))
+    ch = min(CHUNK_PAIRS, n_pairs)
+    scratch = tuple(np.empty(ch, np.float32) for _ in range(6))  # v, theta, k 32 ln 2, log v, cos, sin
+    zbuf = np.empty(2 * ch, np.float32) if out is None else None
+    start = 0
+    while start < n_pairs:
+        p0 = pair_offset + start
+        m = min(ch, n_pairs - start, (1 << 32) - (p0 & _M32))  # a chunk never carries into c1
+        c0, c1 = np.uint32(p0 & _M32), np.uint32(p0 >> 32)
+        v, th, kl, lv, ct, st = scratch if m == ch else tuple(a[:m] for a in scratch)  # kernels use [0, m)
+        if f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
+            f["fix_extension"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
+        np.log(v, out=lv)
+        np.cos(th, out=ct)
+        np.sin(th, out=st)
+        e0, e1 = 2 * start, min(2 * (start + m), n)
+        if out is None:
+            f["finish"](kl, lv, ct, st, m, zbuf, 0, e1 - e0)
+            yield e0, e1, zbuf[:e1 - e0]
+        else:
+            f["finish"](kl, lv, ct, st, m, out, e0, n)
+            yield e0, e1, out[e0:e1]
+        start += m
 
 
 def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None) -> np.ndarray:
@@ -89,45 +134,53 @@ def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_o
     Philox counter words c2 = step and c3 = stream_word (``dpprims.noise.stream_word(rank)``) - the
     numbers of ``kernels/noise.py::_gaussian_noise_kernel`` under Triton's interpreter, bit for bit.
     ``out``: optional contiguous float32 array of n elements to write into. Needs :func:`available`."""
-    f = _compiled()
-    if f is None:
-        raise RuntimeError("dpprims.noise_cpu needs numba (pip install numba)")
     n, pair_offset, stream_word = int(n), int(pair_offset), int(stream_word)
-    _nz.check_pair_range(pair_offset, n)
-    if stream_word & _nz.SUB_EXTENSION or not 0 <= stream_word <= _M32:
-        raise ValueError(f"stream_word must be a main-block counter word (dpprims.noise.stream_word), "
-                         f"got {stream_word:#x}")
-    c2, c3 = np.uint32(int(step) & _M32), np.uint32(stream_word)
+    _check_stream(n, pair_offset, stream_word)
     if out is None:
         out = np.empty(n, np.float32)
     elif out.dtype != np.float32 or out.size != n or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous float32 array of {n} elements, got {out.dtype}[{out.size}]")
-    flat = out.reshape(-1)
-    n_pairs = (n + 1) // 2
-    if n_pairs == 0:
-        return out
-    k0, k1 = _key(k0, k1)
-    fmask, fval = (np.uint32(x) for x in (_FORCE_EXTENSION or (0, 1)))
-    ch = min(CHUNK_PAIRS, n_pairs)
-    scratch = tuple(np.empty(ch, np.float32) for _ in range(6))  # v, theta, k 32 ln 2, log v, cos, sin
-    start = 0
-    while start < n_pairs:
-        p0 = pair_offset + start
-        m = min(ch, n_pairs - start, (1 << 32) - (p0 & _M32))  # a chunk never carries into c1
-        c0, c1 = np.uint32(p0 & _M32), np.uint32(p0 >> 32)
-        if m < ch:  # views of the scratch buffers (the kernels index [0, m) only)
-            bufs = tuple(a[:m] for a in scratch)
-        else:
-            bufs = scratch
-        v, th, kl, lv, ct, st = bufs
-        if f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
-            f["fix_extension"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
-        np.log(v, out=lv)
-        np.cos(th, out=ct)
-        np.sin(th, out=st)
-        f["finish"](kl, lv, ct, st, m, flat, 2 * start, n)
-        start += m
+    for _ in _z_chunks(n, k0, k1, step, stream_word, pair_offset, out.reshape(-1)):
+        pass
     return out
+
+
+def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, adam_scalars, nesterov: bool,
+                 k0: int, k1: int, step: int, stream_word: int, pair_offset: int) -> None:
+    """The fused DP step of kernels/update.py::_noisy_update_kernel on flat contiguous float32 numpy
+    arrays, in place, chunk by chunk (the noise never leaves the cache):
+
+        g = (grad + std z) / normaliser   (z: :func:`gaussian_noise`'s numbers), then SGD / Adam / AdamW
+
+    the kernel's fp32 operations in its order (IEEE, no FMA), so param, state and g equal the
+    interpreter's bit for bit. kind: "sgd" | "adam" | "adamw"; state1: momentum buffer (SGD, or None)
+    or exp_avg; state2: exp_avg_sq (Adam) or None; grad_out: where g is written, or None. hyper: the
+    9 fp32 hyper values (kernels/update.py layout, as floats); adam_scalars: (lr / bc1, sqrt(bc2),
+    1 - lr wd) as float32 (computed by the caller in fp64 as the kernel does), None for SGD."""
+    f = _compiled()
+    n = param.size
+    stream_word, pair_offset = int(stream_word), int(pair_offset)
+    _check_stream(n, pair_offset, stream_word)
+    arrays = [a for a in (param, grad, state1, state2, grad_out) if a is not None]
+    for a in arrays:
+        if a.dtype != np.float32 or a.size != n or not a.flags.c_contiguous:
+            raise ValueError(f"noisy_update needs contiguous float32 arrays of {n} elements, got {a.dtype}[{a.size}]")
+    flat = [None if a is None else a.reshape(-1) for a in (param, grad, state1, state2, grad_out)]
+    p, g, s1, s2, go = flat
+    h = [np.float32(x) for x in hyper]
+    std, norm, lr, b1, b2, eps, wd, omb1, omb2 = h
+    write = go is not None
+    dummy = np.empty(0, np.float32)
+    for e0, e1, z in _z_chunks(n, k0, k1, step, stream_word, pair_offset):
+        sl = slice(e0, e1)
+        gout = go[sl] if write else dummy
+        if kind == "sgd":
+            f["sgd_update"](z, g[sl], p[sl], s1[sl] if s1 is not None else dummy, gout, std, norm, lr, b1, wd,
+                            s1 is not None, bool(nesterov), write)
+        else:
+            step_size, bc2_sqrt, decay = (np.float32(x) for x in adam_scalars)
+            f["adam_update"](z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size,
+                             bc2_sqrt, decay, kind == "adamw", write)
 
 
 def philox_words(c0, c1, c2, c3, k0: int, k1: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dpprims import noise as nz
+from dpprims import noise_cpu as ncpu
 from dpprims.bindings.torch import noise as N
 from dpprims.bindings.torch import update as U
 from _paths import one_torch_thread, plain_torch_path  # noqa: E402,F401 (fixture import registers it)
@@ -111,12 +112,14 @@ def test_torch_path_equals_kernel(case, dtype, device):
     optimizer state in fp32 and bf16, 3 steps with noise."""
     opt, kw, _, _ = CASES[case]
     results = []
-    for backend in ("kernel", "torch"):
+    for backend in ("kernel", "torch", "torch-no-numba"):
         dev = device if backend == "kernel" else "cpu"
         params = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params(dev)]
         state, outs = {}, []
-        ctx = plain_torch_path() if backend == "torch" else contextlib.nullcontext()
-        with ctx:
+        ctx = plain_torch_path() if backend != "kernel" else contextlib.nullcontext()
+        with ctx, pytest.MonkeyPatch.context() as mp:
+            if backend == "torch-no-numba":  # the plain torch ops (what runs without numba)
+                mp.setenv("DPPRIMS_NOISE_CPU", "0")
             for step in (1, 2, 3):
                 for p, g in zip(params, _grads(params, step)):
                     p.grad = g.to(dtype)
@@ -124,12 +127,38 @@ def test_torch_path_equals_kernel(case, dtype, device):
                                              step=step, optimizer=opt, return_noisy_grads=True, **kw)
         bufs = [b for k in ("momentum_buffer", "exp_avg", "exp_avg_sq") for b in state.get(k, [])]
         results.append([t.detach().cpu() for t in params + bufs + outs])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.dtype == b.dtype == dtype
+            if device == "cpu":
+                assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+            else:
+                torch.testing.assert_close(a.float(), b.float(), **_tol(device, dtype))
+
+
+@pytest.mark.skipif(not ncpu.available(), reason="numba is not installed: no fused CPU update")
+@pytest.mark.parametrize("case", ["sgd-momentum", "sgd-nesterov", "adam-wd", "adamw"])
+def test_fused_cpu_update_equals_plain_torch_across_chunks(case, monkeypatch):
+    """The numba fused update (noise chunk by chunk, dpprims.noise_cpu) == the plain torch ops, bit
+    for bit, on parameters spanning several noise chunks and starting mid-chunk, 2 steps."""
+    opt, kw, _, _ = CASES[case]
+    shapes = ((3, 5), (2 * ncpu.CHUNK_PAIRS + 37,), (7, 11, 13))
+    results = []
+    for eager in (False, True):
+        params = _params("cpu", shapes=shapes, seed=3)
+        state, outs = {}, []
+        with plain_torch_path(), monkeypatch.context() as mp:
+            if eager:
+                mp.setenv("DPPRIMS_NOISE_CPU", "0")
+            for step in (1, 2):
+                for p, g in zip(params, _grads(params, step)):
+                    p.grad = g
+                outs += U.add_noise_and_step(params, state=state, noise_std=0.7, normaliser=9.0, seed=SEED, step=step,
+                                             rank=2, optimizer=opt, return_noisy_grads=True, **kw)
+        bufs = [b for k in ("momentum_buffer", "exp_avg", "exp_avg_sq") for b in state.get(k, [])]
+        results.append([t.detach().clone() for t in params + bufs + outs])
     for a, b in zip(*results):
-        assert a.dtype == b.dtype == dtype
-        if device == "cpu":
-            assert torch.equal(a, b), (a.float() - b.float()).abs().max()
-        else:
-            torch.testing.assert_close(a.float(), b.float(), **_tol(device, dtype))
+        assert torch.equal(a, b), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])

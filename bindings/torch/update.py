@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from dpprims import noise as _nz
+from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import update as _ku
 
 from ._backend import record
-from .noise import _check_scalars, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
+from .noise import _check_scalars, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
 
 __all__ = ["add_noise_and_step", "make_hyper"]
 
@@ -46,10 +47,35 @@ def _pow_f64(base: float, t: int) -> float:
     return acc
 
 
+def _adam_scalars_f64(step: Tensor, hyper: Tensor) -> tuple:
+    """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as kernels/update.py does."""
+    t = int(step.reshape(-1)[0].item())
+    lr64, wd64, omb1, omb2 = (float(hyper[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
+    bc1 = 1.0 - _pow_f64(1.0 - omb1, t)
+    bc2 = 1.0 - _pow_f64(1.0 - omb2, t)
+    return np.float32(lr64 / bc1), np.float32(math.sqrt(bc2)), np.float32(1.0 - lr64 * wd64)
+
+
+def _fused_cpu_ok(*ts) -> bool:
+    """The numba fused update applies: numba present, CPU, fp32, contiguous (else the torch ops)."""
+    return _ncpu.available() and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                                                   and t.is_contiguous()) for t in ts)
+
+
 def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
                   seed: Tensor, step: Tensor, hyper: Tensor, pair_offset: int, rank: int, nesterov: bool,
                   grad_out: Optional[Tensor]) -> None:
     f32 = torch.float32
+    if _fused_cpu_ok(param, s1, s2, grad, grad_out, hyper):
+        # one pass per chunk: noise (dpprims.noise_cpu) + the kernel's update arithmetic, in place
+        k0, k1 = _seed_ints(seed)
+        _ncpu.noisy_update(
+            {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], *(
+                None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
+            hyper=hyper.tolist()[:_ku.N_HYPER], adam_scalars=None if kind == _ku.SGD else _adam_scalars_f64(step, hyper),
+            nesterov=nesterov, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & 0xFFFFFFFF,
+            stream_word=_nz.stream_word(rank), pair_offset=pair_offset)
+        return
     z = gaussian_noise_torch(param.numel(), seed, step, pair_offset, rank).reshape(param.shape)
     std, norm, lr, b1, b2, eps, wd, omb1, omb2 = (hyper[i] for i in range(_ku.N_HYPER))
     g = (grad.to(f32) + std * z) / norm
