@@ -116,6 +116,14 @@ class DPEngine:
                     f"DPEngine: Embedding {label!r} has max_norm={module.max_norm}: its forward rewrites "
                     "the weight rows of the tokens in the batch in place (a data-dependent, noiseless "
                     "change), even when frozen. Use max_norm=None.")
+            if isinstance(module, torch.nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters()):
+                raise ValueError(
+                    f"DPEngine: module {label!r} (MultiheadAttention) uses its weights functionally "
+                    "(packed in_proj_weight, out_proj inside F.multi_head_attention_forward), so its "
+                    "per-example gradients cannot be clipped. Replace it by dpprims.torch.DPMultiheadAttention "
+                    "(same function and weights, built from Linear layers), e.g. "
+                    "model = dpprims.torch.convert_multihead_attention(model); this also covers "
+                    "nn.TransformerEncoderLayer / DecoderLayer / nn.Transformer.")
             params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue

@@ -6,8 +6,9 @@ from .conv import ConvHandler
 from .embedding import EmbeddingHandler
 from .linear import LinearHandler
 from .norm import GroupNormHandler, LayerNormHandler
+from .rmsnorm import RMSNormHandler
 
-HANDLERS: list = [LinearHandler, ConvHandler, GroupNormHandler, LayerNormHandler, EmbeddingHandler]
+HANDLERS: list = [LinearHandler, ConvHandler, GroupNormHandler, LayerNormHandler, RMSNormHandler, EmbeddingHandler]
 
 
 def handler_for(module):
