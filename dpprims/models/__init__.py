@@ -7,6 +7,10 @@ access, from the torch submodules.
   names and parameter counts), ``cifar=True`` stem, reduced ``width``; ``ResNet``,
   ``BasicBlock``, ``Bottleneck``, ``load_torchvision_state_dict``.
 * :mod:`.torch_small`: ``mlp``, ``small_cnn``, ``get_model(name, ...)``, ``MODEL_NAMES``.
+* :mod:`.torch_transformer`: ``small_transformer``, ``SmallTransformer`` (ViT-style encoder on
+  image patches or token ids; torch's TransformerEncoderLayer with DPMultiheadAttention).
+* ``convert_multihead_attention(model)`` (from dpprims.torch.attention): nn.MultiheadAttention ->
+  DPMultiheadAttention with the same weights, for nn.TransformerEncoderLayer and friends.
 * :mod:`.convert`: ``convert_batchnorm_to_groupnorm(model, num_groups=32)``,
   ``choose_num_groups``, ``group_norm``.
 * :mod:`.jax_resnet` (JAX/Flax twins, NHWC): ``get_jax_model(name, ...)``; the constructors
@@ -34,17 +38,21 @@ _LAZY = {
     "SmallCNN": "torch_small",
     "get_model": "torch_small",
     "MODEL_NAMES": "torch_small",
+    # torch_transformer
+    "SmallTransformer": "torch_transformer",
+    "small_transformer": "torch_transformer",
     # convert
     "convert_batchnorm_to_groupnorm": "convert",
     "choose_num_groups": "convert",
     "group_norm": "convert",
+    "convert_multihead_attention": "_attention",
     # JAX
     "get_jax_model": "jax_resnet",
     "torch_to_flax": "convert_jax",
     "flax_to_torch": "convert_jax",
     "load_flax_into_torch": "convert_jax",
 }
-_SUBMODULES = ("torch_resnet", "torch_small", "convert", "jax_resnet", "convert_jax")
+_SUBMODULES = ("torch_resnet", "torch_small", "torch_transformer", "convert", "jax_resnet", "convert_jax")
 
 __all__ = sorted(_LAZY)
 
@@ -53,11 +61,15 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .torch_resnet import (BasicBlock, Bottleneck, ResNet, load_torchvision_state_dict, resnet18,
                                resnet34, resnet50)
     from .torch_small import MODEL_NAMES, SmallCNN, get_model, mlp, small_cnn
+    from .torch_transformer import SmallTransformer, small_transformer
+    from dpprims.torch.attention import convert_multihead_attention
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        where = _LAZY[name]
+        path = "dpprims.torch.attention" if where == "_attention" else f"{__name__}.{where}"
+        module = importlib.import_module(path)
         value = getattr(module, name)
         globals()[name] = value  # cache: later lookups skip __getattr__
         return value

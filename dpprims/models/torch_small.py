@@ -113,7 +113,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, channels: Sequence[in
 
 
 MODEL_NAMES: Tuple[str, ...] = (
-    "mlp", "cnn",
+    "mlp", "cnn", "transformer",
     "resnet18", "resnet34", "resnet50",
     "resnet18-cifar", "resnet34-cifar", "resnet50-cifar",
 )
@@ -133,6 +133,8 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3,
       (an int ``S`` for ``S x S`` images, or the spatial shape ``(H, W)``; ``(D,)`` with
       ``in_channels=1`` for flat feature vectors).
     * ``"cnn"``: :func:`small_cnn` (any ``input_size``, which is not needed).
+    * ``"transformer"``: :func:`dpprims.models.torch_transformer.small_transformer`, a ViT-style
+      encoder on image patches; needs ``input_size`` (H, W) (or ``vocab_size=`` for token ids).
     * ``"resnetNN"``: ImageNet-stem ResNet (for ~224x224 inputs), ``"resnetNN-cifar"``: CIFAR stem
       (for ~32x32 inputs), GroupNorm everywhere (:mod:`dpprims.models.torch_resnet`).
 
@@ -148,6 +150,15 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3,
         return mlp(in_channels * _spatial_numel(input_size), num_classes=num_classes, **kwargs)
     if key == "cnn":
         return small_cnn(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if key == "transformer":
+        from .torch_transformer import small_transformer
+
+        if input_size is None and "vocab_size" not in kwargs:
+            raise ValueError("get_model('transformer') needs input_size (image size, e.g. 28 or (28, 28)) "
+                             "or vocab_size= for token ids")
+        if "width" in kwargs:  # the CLI's --width: the model dimension
+            kwargs["dim"] = kwargs.pop("width")
+        return small_transformer(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
     cifar = key.endswith("-cifar")
     base = key[: -len("-cifar")] if cifar else key
     builders = {"resnet18": torch_resnet.resnet18, "resnet34": torch_resnet.resnet34,
