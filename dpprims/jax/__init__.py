@@ -7,7 +7,7 @@
     for logical in dpj.PoissonBatches(plan, (x, y), seed=0): ...     # fixed-shape batches + masks
 
 Layers (flax.linen, drop-in for their flax counterparts): Dense, Conv, GroupNorm, LayerNorm,
-Embed. Kernel paths (jax-triton on GPU, jnp on CPU, the Triton interpreter for CI) are chosen
+RMSNorm, Embed. Kernel paths (jax-triton on GPU, jnp on CPU, the Triton interpreter for CI) are chosen
 per op: ``which_path()``, ``use_path(...)``, ``LAST_PATH`` (see dpprims.bindings.jax).
 """
 from dpprims.bindings.jax import LAST_PATH, use_path, which_path
@@ -16,10 +16,10 @@ from dpprims.batching import LogicalBatch, PoissonBatches
 
 from .dp_optax import DPNoiseState, dp_noise
 from .engine import LAST_PLAN, DPLoss, clipped_grad, make_loss_fn
-from .layers import ACTIVATIONS, PERTURBATIONS, Conv, Dense, DPLayer, Embed, GroupNorm, LayerNorm
+from .layers import ACTIVATIONS, PERTURBATIONS, Conv, Dense, DPLayer, Embed, GroupNorm, LayerNorm, RMSNorm
 
 __all__ = [
     "ACTIVATIONS", "PERTURBATIONS", "Conv", "DPNoiseState", "Dense", "DPLayer", "DPLoss", "Embed", "GroupNorm",
     "LAST_PATH", "LAST_PLAN", "LayerNorm", "LogicalBatch", "PoissonBatches", "clipped_grad", "dp_noise",
-    "make_loss_fn", "use_path", "which_path",
+    "make_loss_fn", "RMSNorm", "use_path", "which_path",
 ]

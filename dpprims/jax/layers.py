@@ -1,11 +1,11 @@
-"""DP layers for Flax (``flax.linen``): Dense, Conv, GroupNorm, LayerNorm, Embed.
+"""DP layers for Flax (``flax.linen``): Dense, Conv, GroupNorm, LayerNorm, RMSNorm, Embed.
 
 Each layer has the fields, parameter names, shapes and initialisers of its flax counterpart
 (it subclasses it) and computes the same function; in addition it
 
 * ``sow``s what the per-example gradients of its parameters need into the ``"dp_inputs"``
   collection (``ACTIVATIONS``): the input for Dense / Conv, the normalised input x_hat for
-  GroupNorm / LayerNorm, the token ids for Embed;
+  GroupNorm / LayerNorm / RMSNorm, the token ids for Embed;
 * ``perturb``s its output (``"perturbations"`` collection, one zero variable ``out<k>`` per
   call k): the gradient of the loss w.r.t. that zero perturbation is the output gradient B.
 
@@ -30,7 +30,7 @@ from dpprims.bindings.jax.conv import conv_forward, conv_padding
 ACTIVATIONS = "dp_inputs"
 PERTURBATIONS = "perturbations"
 
-__all__ = ["ACTIVATIONS", "PERTURBATIONS", "DPLayer", "Dense", "Conv", "GroupNorm", "LayerNorm", "Embed",
+__all__ = ["ACTIVATIONS", "PERTURBATIONS", "DPLayer", "Dense", "Conv", "GroupNorm", "LayerNorm", "RMSNorm", "Embed",
            "conv_geometry"]
 
 
@@ -207,6 +207,37 @@ class LayerNorm(nn.LayerNorm, DPLayer):
         y = _affine(self, xhat, x.shape[-1], self.dtype or x.dtype)
         if not (self.use_scale or self.use_bias):
             return y
+        return capture(self, xhat, y)
+
+
+class RMSNorm(nn.RMSNorm, DPLayer):
+    """``flax.linen.RMSNorm`` (scale on the last axis, mean of squares over ``reduction_axes``,
+    default the last axis; no bias) that records x_hat = x * rsqrt(mean(x^2) + eps) and its
+    output gradient: the per-example scale gradient is sum over positions of x_hat * G, handled
+    like the LayerNorm scale (dp_kind "norm", no "bias" parameter)."""
+
+    dp_kind = "norm"
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        if mask is not None or self.axis_name is not None:
+            raise NotImplementedError("dpprims RMSNorm supports neither mask nor axis_name")
+        _batched(self, x, 2, "[B, ..., C]")
+        feat = (self.feature_axes,) if isinstance(self.feature_axes, int) else tuple(self.feature_axes)
+        if tuple(a % x.ndim for a in feat) != (x.ndim - 1,):
+            raise NotImplementedError("dpprims RMSNorm supports feature_axes=-1 only")
+        red = (self.reduction_axes,) if isinstance(self.reduction_axes, int) else tuple(self.reduction_axes)
+        red = tuple(sorted(a % x.ndim for a in red))
+        if 0 in red:
+            raise ValueError("dpprims RMSNorm: reduction_axes must not include the batch axis 0")
+        dt = jnp.promote_types(self.dtype if self.dtype is not None else x.dtype, jnp.float32)
+        xf = x.astype(dt)
+        xhat = xf * lax.rsqrt(jnp.mean(xf * xf, axis=red, keepdims=True) + self.epsilon)
+        out_dtype = self.dtype or x.dtype
+        if not self.use_scale:
+            return xhat.astype(out_dtype)
+        scale = self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
+        y = (xhat * scale).astype(out_dtype)
         return capture(self, xhat, y)
 
 

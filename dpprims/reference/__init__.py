@@ -30,7 +30,7 @@ Closed forms per layer:
   Conv2d/1d  conv{2,1}d_unfold, conv{2,1}d_forward, conv{2,1}d_per_example_{weight,bias}_grads,
              conv{2,1}d_weight_sq_norms (method "autodiff" | "direct" | "ghost"),
              conv{2,1}d_bias_sq_norms, conv{2,1}d_clipped_{weight,bias}_grad
-  Norms      groupnorm_xhat, layernorm_xhat, norm_affine_per_example_grads,
+  Norms      groupnorm_xhat, layernorm_xhat, rmsnorm_xhat, norm_affine_per_example_grads,
              norm_affine_sq_norms, norm_affine_clipped_grads
   Embedding  embedding_per_example_grads, embedding_sq_norms, embedding_clipped_grad
 """
@@ -79,6 +79,7 @@ from ._norm import (
     norm_affine_clipped_grads,
     norm_affine_per_example_grads,
     norm_affine_sq_norms,
+    rmsnorm_xhat,
 )
 
 __all__ = [
@@ -122,4 +123,5 @@ __all__ = [
     "per_example_grads",
     "per_example_norms",
     "per_example_sq_norms",
+    "rmsnorm_xhat",
 ]

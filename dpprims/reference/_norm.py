@@ -1,4 +1,4 @@
-"""GroupNorm / LayerNorm oracle: the normalised input x_hat and the affine per-example gradients.
+"""GroupNorm / LayerNorm / RMSNorm oracle: the normalised input x_hat and the affine per-example gradients.
 
 The affine output is y = x_hat * weight + bias, broadcast over every non-channel position, so
 with G = dL_i/dy the per-example gradients are sums over positions: dweight_i = sum x_hat_i * G_i,
@@ -47,6 +47,28 @@ def _layernorm_xhat(x, shape, eps):
     mean = jnp.mean(x, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
     return (x - mean) / jnp.sqrt(var + eps)
+
+
+def rmsnorm_xhat(x, normalized_shape, eps: float | None = None):
+    """x_hat of torch.nn.RMSNorm(normalized_shape) / flax RMSNorm: x / sqrt(mean(x^2) + eps) over
+    the trailing len(normalized_shape) axes (no mean subtracted). eps=None is torch's default, the
+    machine epsilon of x's dtype (float64 -> 2.2e-16, float32 -> 1.2e-7). The affine gradient of
+    RMSNorm's weight is norm_affine_per_example_grads(x_hat, G, ...)[0] (there is no bias)."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(int(n) for n in normalized_shape)
+    x = jnp.asarray(x)
+    if eps is None:
+        eps = float(jnp.finfo(x.dtype).eps)
+    return _rmsnorm_xhat(x, shape, eps)
+
+
+@jit(static_argnames="shape")
+def _rmsnorm_xhat(x, shape, eps):
+    if not shape or x.shape[x.ndim - len(shape) :] != shape:
+        raise ValueError(f"x {x.shape} does not end with normalized_shape {shape}")
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    return x / jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
 def _channel_axes(channel_axis, ndim: int) -> tuple[int, ...]:
