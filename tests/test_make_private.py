@@ -273,4 +273,6 @@ def test_target_epsilon_is_met():
     _run(dp)
     assert dp.steps_taken == dp.plan.steps == 5
     assert dp.epsilon() <= 2.0 and dp.epsilon() == pytest.approx(2.0, rel=1e-3)
+    assert dp.epsilon(1e-5) == dp.epsilon()
+    assert dp.epsilon(1e-2) < dp.epsilon() < dp.epsilon(1e-9)  # the same run at another delta
     assert np.isfinite(dp.plan.noise_multiplier) and dp.plan.noise_multiplier > 0

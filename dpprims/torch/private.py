@@ -51,7 +51,9 @@ noise stream t + 1, parameters in ``model.parameters()`` order. Privacy-relevant
 * ``seed=None`` draws the noise seed and the sampler seed from OS entropy; ``secure=True``
   additionally samples from the OS CSPRNG (then there is no replayable state to save);
 * the state holds the noise seed: keep it as private as the data (it regenerates the noise).
-Model randomness (dropout) uses torch's global RNG, which is not part of the state.
+Model randomness (dropout) uses torch's global RNG, which is not part of the state. Single
+process: for data-parallel training use the trainer (dpprims.trainer, ``dpprims train --nproc``),
+which shards each logical batch and adds the noise once for all ranks.
 """
 from __future__ import annotations
 
