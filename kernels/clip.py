@@ -32,8 +32,8 @@ FLAT_EPS = 1e-6
 @triton.jit
 def _clip_factor_kernel(
     sq_norm_ptr, mask_ptr, max_norm_ptr,
-    factor_ptr, norm_ptr,
     B, gamma,
+    factor_ptr, norm_ptr,
     HAS_MASK: tl.constexpr, AUTOMATIC: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)

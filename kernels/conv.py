@@ -100,11 +100,11 @@ def _gout_offsets(t, p, T, P, W_out, stride_gc, stride_gh, stride_gw):
 @triton.jit
 def _conv2d_norm_direct_kernel(
     x_ptr, g_ptr,
-    out_ptr,
     GROUPS, C_in_g, H, W, W_out, T, D, P,
     SH, SW, PH, PW, DH, DW,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    out_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -139,11 +139,11 @@ def _conv2d_norm_direct_kernel(
 @triton.jit
 def _conv2d_norm_ghost_kernel(
     x_ptr, g_ptr,
-    out_ptr,
     GROUPS, C_in_g, H, W, W_out, T, D, P,
     SH, SW, PH, PW, DH, DW,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    out_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -194,9 +194,9 @@ def _conv2d_norm_ghost_kernel(
 @triton.jit
 def _conv2d_bias_grads_kernel(
     g_ptr,
-    out_ptr,
     C, T, W_out,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    out_ptr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[b, c] = sum_t G_b[c, t] (fp32): the per-example bias gradients [B, C_out]."""

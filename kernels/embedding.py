@@ -52,10 +52,10 @@ from .linear import _round_toward_zero
 @triton.jit
 def _embedding_norm_ghost_kernel(
     ids_ptr, g_ptr,
-    out_ptr,
     T, P, pad,
     stride_ib, stride_it,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):

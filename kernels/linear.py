@@ -54,10 +54,10 @@ from ._launch import LaunchSpec, block, cdiv, interpreting
 @triton.jit
 def _linear_norm_direct_kernel(
     a_ptr, g_ptr,
-    out_ptr,
     T, D, P,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -88,10 +88,10 @@ def _linear_norm_direct_kernel(
 @triton.jit
 def _linear_norm_ghost_kernel(
     a_ptr, g_ptr,
-    out_ptr,
     T, D, P,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -137,9 +137,9 @@ def _linear_norm_ghost_kernel(
 @triton.jit
 def _rows_sq_norm_kernel(
     x_ptr,
-    out_ptr,
     N,
     stride_xb, stride_xn,
+    out_ptr,
     BLOCK_N: tl.constexpr,
 ):
     """out[b] = sum_n x[b, n]^2 (fp32). Used for T = 1: ||G_i||^2 = ||a_i||^2 ||g_i||^2."""
@@ -157,9 +157,9 @@ def _rows_sq_norm_kernel(
 @triton.jit
 def _linear_bias_norm_kernel(
     g_ptr,
-    out_ptr,
     T, P,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """out[b, pb] = ||sum_t G_b[t, pb-block]||^2: one block of the per-example bias gradient."""
@@ -321,9 +321,9 @@ def _linear_clipped_weight_grad_rank1_kernel(
 @triton.jit
 def _linear_clipped_bias_grad_kernel(
     g_ptr, c_ptr,
-    out_ptr,
     B, T, P,
     stride_gb, stride_gt, stride_gp,
+    out_ptr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[P-block] = sum over rows r = (i, t) of c_i G_i[t] (rows with c_i == 0 masked)."""

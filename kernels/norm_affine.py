@@ -51,10 +51,10 @@ from ._launch import LaunchSpec, block, cdiv, interpreting
 @triton.jit
 def _norm_affine_grads_kernel(
     x_ptr, g_ptr, mean_ptr, rstd_ptr,
-    pe_ptr, sq_ptr,
     R, C, CPG, NG,
     stride_xb, stride_xr, stride_xc,
     stride_gb, stride_gr, stride_gc,
+    pe_ptr, sq_ptr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_STATS: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
@@ -120,9 +120,9 @@ def _norm_affine_grads_kernel(
 @triton.jit
 def _clipped_rows_sum_kernel(
     x_ptr, c_ptr,
-    out_ptr,
     B, N,
     stride_xb, stride_xn,
+    out_ptr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[n] = sum_i c_i x[i, n] over the B rows in order; rows with c_i == 0 are masked, so a
@@ -144,7 +144,7 @@ def _clipped_rows_sum_kernel(
 # --------------------------------------------------------------------------------------------
 # launch specs (shared by the torch and JAX bindings)
 # --------------------------------------------------------------------------------------------
-def norm_affine_grads_spec(B: int, R: int, C: int, row_stats: bool) -> LaunchSpec:
+def norm_affine_grads_spec(B: int, R: int, C: int, row_stats: bool, arch: int = 90) -> LaunchSpec:
     """Grid (B, channel blocks); each program loops over all R positions of its example (the
     squared norm needs the complete per-channel sums). GPU tiles hold 4096 elements at 8 warps
     (two fp32 accumulators and two loads: about 112 registers, no spills on sm_90). GroupNorm

@@ -276,23 +276,53 @@ def test_embedding():
 # --------------------------------------------------------------------------------------------
 # wiring, paths, jit, edge cases
 # --------------------------------------------------------------------------------------------
+def _all_kernel_calls():
+    """A KernelCall of every kernel the JAX ops launch, at small odd shapes."""
+    A, G = f32(2, 3, 4), f32(2, 3, 5)
+    c = jnp.ones((2,), jnp.float32)
+    x, Gc = f32(2, 5, 6, 4), f32(2, 5, 6, 6)
+    pads = ((1, 1), (1, 1))
+    geo = J.conv.geometry(x, Gc, (3, 3), (1, 1), pads, (1, 1), 2)
+    ids = jnp.asarray([[0, 2, 1], [3, 3, -1]], jnp.int32)
+    return [J.linear.linear_norm_call(A, G, "direct", "ieee"), J.linear.linear_norm_call(A, G, "ghost", "ieee"),
+            J.linear.rows_sq_norm_call(A[:, 0]), J.linear.linear_bias_norm_call(G),
+            J.linear.linear_clipped_weight_grad_call(A, G, c, "ieee"),
+            J.linear.linear_clipped_weight_grad_call(A[:, :1], G[:, :1], c, "ieee"),
+            J.linear.linear_clipped_bias_grad_call(G, c),
+            J.conv.conv_norm_call(x, Gc, geo, "direct", "ieee"), J.conv.conv_norm_call(x, Gc, geo, "ghost", "ieee"),
+            J.conv.conv_clipped_weight_grad_call(x, Gc, c, geo, "ieee"),
+            J.embedding.embedding_norm_call(ids, G, "ieee"), J.embedding.embedding_clipped_grad_call(ids, G, c, 4, "ieee"),
+            J.norm.norm_affine_grads_call(A, G[:, :, :4]), J.norm.clipped_rows_sum_call(A[:, 0], c),
+            J.clip.clip_factor_call(c, None, jnp.ones((1,), jnp.float32), True, 0.01)]
+
+
 def test_arrange_follows_jax_triton_convention():
     A, G = f32(2, 3, 4), f32(2, 3, 5)
     call = J.linear.linear_norm_call(A, G, "direct", "ieee")
     arr = J.arrange(call)
-    # positional arguments: what precedes the output pointer, in kernel order
-    assert [n for n, _ in arr.args] == ["a_ptr", "g_ptr"]
+    # positional arguments: inputs, then shapes and strides as runtime scalars, in kernel order
+    assert [n for n, _ in arr.args] == ["a_ptr", "g_ptr", "T", "D", "P", "stride_ab", "stride_at", "stride_ad",
+                                        "stride_gb", "stride_gt", "stride_gp"]
+    args = dict(arr.args)
+    assert args["T"] == 3 and args["stride_ab"] == 12 and args["stride_gt"] == 5
     assert arr.out_names == ("out_ptr",)
     spec = klinear.linear_norm_direct_spec(2, 3, 4, 5)
     assert arr.out_shapes[0].shape == spec.outputs["partials"] and arr.grid == spec.grid
-    # scalars after the outputs become constexprs, together with the spec's block sizes
-    assert arr.metaparams["T"] == 3 and arr.metaparams["stride_ab"] == 12 and arr.metaparams["stride_gt"] == 5
-    assert arr.metaparams["BLOCK_T"] == spec.constexprs["BLOCK_T"] and arr.metaparams["DOT_PRECISION"] == "ieee"
+    # after the outputs: constexprs only (the spec's block sizes and the op's flags), no shapes
+    assert arr.metaparams == dict(spec.constexprs, DOT_PRECISION="ieee")
     # the clip kernel: the clip norm is a one-element array (a runtime value), never a constexpr
     cc = J.clip.clip_factor_call(jnp.ones((3,), jnp.float32), None, jnp.ones((1,), jnp.float32), False, 0.01)
     arr = J.arrange(cc)
-    assert [n for n, _ in arr.args] == ["sq_norm_ptr", "mask_ptr", "max_norm_ptr"]
+    assert [n for n, _ in arr.args] == ["sq_norm_ptr", "mask_ptr", "max_norm_ptr", "B", "gamma"]
     assert arr.out_names == ("factor_ptr", "norm_ptr") and "max_norm_ptr" not in arr.metaparams
+    # gamma is an fp32 runtime scalar (a Python float would be fp64 to jax-triton, fp32 to torch)
+    assert isinstance(dict(arr.args)["gamma"], np.float32)
+    # every dpprims kernel launched from JAX: nothing but constexprs after its outputs
+    for kcall in _all_kernel_calls():
+        arr = J.arrange(kcall)
+        names = list(kcall.kernel.arg_names)
+        after = names[names.index(arr.out_names[-1]) + 1:]
+        assert set(after) == set(arr.metaparams) <= set(kcall.constexprs), (kcall.name, after)
 
 
 def test_arrange_rejects_bad_wiring():
@@ -305,9 +335,14 @@ def test_arrange_rejects_bad_wiring():
     with pytest.raises(TypeError, match="unknown"):
         J.arrange(_call.KernelCall(call.kernel, call.grid, dict(call.inputs, bogus=1), call.outputs, call.constexprs))
     # an array after the outputs cannot be passed by jax-triton
-    bad = dict(call.inputs, T=jnp.ones((1,), jnp.int32))
+    bad = dict(call.constexprs, BLOCK_T=jnp.ones((1,), jnp.int32))
     with pytest.raises(TypeError, match="follows the outputs"):
-        J.arrange(_call.KernelCall(call.kernel, call.grid, bad, call.outputs, call.constexprs))
+        J.arrange(_call.KernelCall(call.kernel, call.grid, call.inputs, call.outputs, bad))
+    # a constexpr cannot precede the outputs (jax-triton binds positional arguments in order)
+    inputs = dict(call.inputs)
+    T = inputs.pop("T")
+    with pytest.raises(TypeError, match="precedes the outputs"):
+        J.arrange(_call.KernelCall(call.kernel, call.grid, inputs, call.outputs, dict(call.constexprs, T=T)))
 
 
 def test_path_selection(monkeypatch):

@@ -12,9 +12,24 @@ Paths (chosen per call, recorded in ``LAST_PATH``, never silently):
   a GPU.
 
 Choice: ``use_path(...)`` (context manager, innermost wins), else the environment variable
-``DPPRIMS_JAX_BACKEND`` (``auto`` | ``jnp`` | ``interpreter`` | ``jax-triton``), else ``auto``:
-``"jax-triton"`` when JAX's default backend is a GPU, ``"jnp"`` otherwise. Under ``jax.jit``
-the path is chosen (and recorded) when the function is traced.
+``DPPRIMS_JAX_BACKEND`` (``auto`` | ``jnp`` | ``interpreter`` | ``jax-triton``), else ``auto``.
+
+``auto`` is chosen by the platform the function is LOWERED for, not by the host: where
+jax_triton imports and the kernels are compiled ones (TRITON_INTERPRET unset), every op is a
+``jax.lax.platform_dependent`` of its Triton kernel (``cuda``) and its jnp implementation (every
+other platform). One jitted function therefore lowers to ``triton_kernel_call`` custom calls for
+cuda and to plain XLA for cpu, whatever machine traces it (``jax.export`` for cuda on a CPU-only
+host works; pass the GPU's compute capability with :func:`use_compute_capability`, since there is
+no device to ask). ROCm lowers to the jnp path: the kernels are untested there. Without
+jax_triton (or with interpreter kernels) ``auto`` is the jnp path everywhere (a warning on a GPU).
+
+``jnp``, ``interpreter`` and ``jax-triton`` force that path for every platform (forcing
+``jax-triton`` and lowering for cpu fails in JAX: triton_kernel_call has no cpu lowering).
+
+``LAST_PATH[op]`` is set when an op is traced (for ``auto``: the path the host's default backend
+takes) and overwritten when it is lowered, with the path that was actually lowered - so after a
+``jax.export(..., platforms=["cuda"])`` it says "jax-triton" even on a CPU host. (Lowering for
+several platforms at once lowers both branches: the last one lowered is recorded.)
 
 One function, :func:`arrange`, turns a :class:`KernelCall` (kernel, launch spec, named inputs
 and outputs) into the positional argument list, output shapes, grid and constexprs; both
@@ -23,11 +38,14 @@ argument list that ``triton_call`` receives on a GPU.
 
 jax-triton's calling convention: ``triton_call(*args, out_shape=...)`` binds its positional
 arguments (arrays and Python scalars) to the kernel's first parameters and appends the output
-pointers right after them; keyword arguments are constexprs. A kernel whose output pointers sit
-before some of its scalar parameters (``a_ptr, g_ptr, out_ptr, T, D, P, strides...``) is launched
-with those trailing scalars as constexprs (compile-time constants; they are shapes and strides,
-static under ``jit`` anyway). Python scalars are always compile-time values for jax-triton, so
-per-step runtime values (the clip norm) are one-element arrays.
+pointers right after them; keyword arguments are constexprs. Every dpprims kernel therefore takes
+(input arrays and runtime scalars, outputs, constexprs) (shared/STYLE.md), and shapes and strides
+go in as runtime scalars: jax-triton writes their values into the launch (the custom call's
+backend config) and compiles one kernel per (kernel, dtypes, constexprs, num_warps, which
+scalars are 1) - not one per layer shape. (jax-triton makes a scalar equal to 1 a constexpr.)
+A scalar after the outputs would have to be a constexpr; ``arrange`` allows that but no kernel
+needs it. Python scalars are still fixed values of the compiled XLA program, so per-step runtime
+values (clip norm, seed, step) are one-element arrays.
 
 Nothing here imports jax_triton, torch or a GPU runtime at import time.
 """
@@ -46,11 +64,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
 log = logging.getLogger("dpprims")
 
 PATHS = ("jax-triton", "jnp", "interpreter")
 ENV_VAR = "DPPRIMS_JAX_BACKEND"
+CC_ENV_VAR = "DPPRIMS_JAX_COMPUTE_CAPABILITY"
+KERNEL_PLATFORMS = ("cuda",)
+"""Platforms whose lowering of an ``auto`` op is the Triton kernel (all others: jnp)."""
 
 LAST_PATH: dict[str, str] = {}
 """op name -> the path its last call took (recorded at trace time under jit)."""
@@ -124,7 +148,9 @@ def which_path() -> str:
 
 
 def record(op: str) -> str:
-    """Choose the path for one call of ``op``, record it in ``LAST_PATH`` and return it."""
+    """Choose the path for one call of ``op`` by the host (``which_path``), record it in
+    ``LAST_PATH`` and return it. Ops use :func:`dispatch`, which chooses by the lowering platform
+    under ``auto``; this host choice is what diagnostics use."""
     p = which_path()
     LAST_PATH[op] = p
     if p == "jnp" and op not in _warned:
@@ -132,6 +158,105 @@ def record(op: str) -> str:
         log.info("dpprims JAX op %s runs its pure-jnp implementation (%s=interpreter runs the Triton "
                  "kernel through the interpreter on CPU)", op, ENV_VAR)
     return p
+
+
+@contextlib.contextmanager
+def use_compute_capability(cc: int | None):
+    """Compile the Triton kernels of ops traced inside the block for compute capability ``cc``
+    (e.g. 90 for sm_90) instead of asking GPU 0 when lowering: what ``jax.export`` for cuda needs
+    on a machine without a GPU. Overrides ``DPPRIMS_JAX_COMPUTE_CAPABILITY``; nests; thread-local.
+    ``None`` restores asking the device."""
+    if cc is not None and (not isinstance(cc, (int, np.integer)) or isinstance(cc, bool) or cc < 10):
+        raise ValueError(f"compute capability must be an int like 80 or 90, got {cc!r}")
+    stack = getattr(_local, "cc", None)
+    if stack is None:
+        stack = _local.cc = []
+    stack.append(None if cc is None else int(cc))
+    try:
+        yield cc
+    finally:
+        stack.pop()
+
+
+def compute_capability() -> int | None:
+    """The compute capability kernels are compiled for (None: jax-triton asks GPU 0)."""
+    stack = getattr(_local, "cc", None)
+    if stack:
+        return stack[-1]
+    v = os.environ.get(CC_ENV_VAR, "").strip()
+    if not v:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{CC_ENV_VAR} must be an integer like 90, got {v!r}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# platform-chosen dispatch
+# --------------------------------------------------------------------------------------------
+def _kernels_compiled() -> bool:
+    from dpprims.kernels import linear as _kl  # imports triton only
+
+    return not _is_interpreted(_kl._linear_norm_direct_kernel)
+
+
+def platform_dispatch() -> bool:
+    """True when an ``auto`` op is chosen by the lowering platform (jax_triton importable and the
+    kernels compiled, not interpreted)."""
+    return _requested() == "auto" and _kernels_compiled() and _jax_triton_available()
+
+
+# An identity primitive marking, inside each path's computation, which path it is: its lowering
+# rule runs only for the branch that is actually lowered, and records that in LAST_PATH.
+_path_p = Primitive("dpprims_path")
+_path_p.def_impl(lambda x, *, op, path: x)
+_path_p.def_abstract_eval(lambda x, *, op, path: x)
+
+
+def _path_lowering(ctx, x, *, op, path):
+    LAST_PATH[op] = path
+    return [x]
+
+
+mlir.register_lowering(_path_p, _path_lowering)
+
+
+def _mark(args: tuple, op: str, path: str) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    for i, v in enumerate(leaves):
+        if _is_array(v):
+            leaves[i] = _path_p.bind(jnp.asarray(v), op=op, path=path)
+            break
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def dispatch(op: str, args: tuple, jnp_fn, kernel_fn):
+    """One op call: ``jnp_fn(*args)`` or ``kernel_fn(path, *args)`` (path "jax-triton" or
+    "interpreter"), both returning the same pytree of arrays.
+
+    ``auto`` with :func:`platform_dispatch`: ``lax.platform_dependent`` of the kernel (cuda;
+    its outputs cast to the jnp path's dtypes, e.g. float64 under x64) and the jnp path (every
+    other platform), so the lowering platform decides. Otherwise the host's path (``record``)."""
+    if platform_dispatch():
+        LAST_PATH[op] = which_path()  # the host's choice; the lowering overwrites it
+        expected = jax.eval_shape(jnp_fn, *args)
+
+        def on_kernel_platform(*a):
+            out = kernel_fn("jax-triton", *_mark(a, op, "jax-triton"))
+            return jax.tree_util.tree_map(lambda o, e: o.astype(e.dtype), out, expected)
+
+        def elsewhere(*a):
+            return jnp_fn(*_mark(a, op, "jnp"))
+
+        return lax.platform_dependent(*args, default=elsewhere,
+                                      **{p: on_kernel_platform for p in KERNEL_PLATFORMS})
+    path = record(op)
+    if path == "jnp":
+        return jnp_fn(*args)
+    if path == "jax-triton":
+        args = _mark(args, op, path)
+    return kernel_fn(path, *args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,11 +384,13 @@ def kernel_name(kernel) -> str:
     return getattr(fn, "__name__", repr(kernel))
 
 
-def launch(call: KernelCall, path: str) -> dict:
-    """Run ``call`` on ``path`` ("jax-triton" or "interpreter"); returns {output name: array}."""
+def launch(call: KernelCall, path: str, aliases: dict | None = None) -> dict:
+    """Run ``call`` on ``path`` ("jax-triton" or "interpreter"); returns {output name: array}.
+    ``aliases`` {input name: output name}: buffers the kernel updates in place (jax-triton's
+    ``input_output_aliases``; the interpreter path copies and needs none)."""
     arr = arrange(call)
     if path == "jax-triton":
-        outs = _launch_jax_triton(arr)
+        outs = _launch_jax_triton(arr, aliases)
     elif path == "interpreter":
         outs = _launch_interpreter(arr)
     else:
@@ -285,13 +412,20 @@ def _jax_triton():
     return jt, out_kw
 
 
-def _launch_jax_triton(arr: Arranged):
+def _launch_jax_triton(arr: Arranged, aliases: dict | None = None):
     jt, out_kw = _jax_triton()
     kernel = arr.kernel
     if _is_interpreted(kernel):
         raise RuntimeError("the 'jax-triton' path got an interpreter kernel: TRITON_INTERPRET=1 was set "
                            "when dpprims.kernels was imported")
     kw = {out_kw: list(arr.out_shapes)}
+    cc = compute_capability()
+    if cc is not None:
+        kw["compute_capability"] = cc
+    if aliases:
+        # jax-triton counts array arguments only (scalars are not operands)
+        array_names = [n for n, v in arr.args if _is_array(v)]
+        kw["input_output_aliases"] = {array_names.index(i): arr.out_names.index(o) for i, o in aliases.items()}
     outs = jt.triton_call(*[v for _, v in arr.args], kernel=kernel, grid=arr.grid,
                           num_warps=arr.num_warps, **kw, **arr.metaparams)
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
@@ -353,7 +487,8 @@ def _launch_interpreter(arr: Arranged):
 
         args = [None] * len(arr.args)
         for i, v in scalars.items():
-            args[i] = v
+            # np.float32 marks an fp32 scalar for jax-triton; the interpreter (like torch) wants a float
+            args[i] = v.item() if isinstance(v, np.generic) else v
         for i, a in zip(array_pos, host_arrays):
             args[i] = _to_torch(a)
         outs = []

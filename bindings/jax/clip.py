@@ -16,10 +16,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpprims.kernels import clip as _kclip
 
-from ._call import KernelCall, f32, launch, nondifferentiable, record
+from ._call import KernelCall, dispatch, f32, launch, nondifferentiable
 
 CLIPPINGS = ("flat", "automatic")
 FLAT_EPS = _kclip.FLAT_EPS
@@ -79,8 +80,7 @@ def _clip_factors_nomask(sq, C, *, automatic, gamma):
 
 
 def _clip_factors(sq, mask, C, *, automatic, gamma):
-    path = record("clip_factors")
-    if path == "jnp":
+    def plain(sq, mask, C):
         n = jnp.sqrt(sq)
         Cs = C[0]
         c = Cs / (n + gamma) if automatic else jnp.minimum(Cs / (n + FLAT_EPS), 1.0)
@@ -88,8 +88,12 @@ def _clip_factors(sq, mask, C, *, automatic, gamma):
         if mask is not None:
             keep = keep & (mask != 0)
         return jnp.where(keep, c, 0.0).astype(jnp.float32), n
-    outs = launch(clip_factor_call(sq, mask, C, automatic, gamma), path)
-    return outs["factor_ptr"], outs["norm_ptr"]
+
+    def kernel(path, sq, mask, C):
+        outs = launch(clip_factor_call(sq, mask, C, automatic, gamma), path)
+        return outs["factor_ptr"], outs["norm_ptr"]
+
+    return dispatch("clip_factors", (sq, mask, C), plain, kernel)
 
 
 def clip_factor_call(sq, mask, C, automatic: bool, gamma: float) -> KernelCall:
@@ -98,7 +102,9 @@ def clip_factor_call(sq, mask, C, automatic: bool, gamma: float) -> KernelCall:
     # HAS_MASK=False reads no mask: a one-element dummy buffer, never a null pointer.
     m = mask if mask is not None else jnp.zeros((1,), jnp.int8)
     return KernelCall(_kclip._clip_factor_kernel, spec.grid,
-                      inputs=dict(sq_norm_ptr=sq, mask_ptr=m, max_norm_ptr=C, B=B, gamma=float(gamma)),
+                      inputs=dict(sq_norm_ptr=sq, mask_ptr=m, max_norm_ptr=C, B=B,
+                                  # np.float32: jax-triton types a Python float as fp64, torch as fp32
+                                  gamma=np.float32(gamma)),
                       outputs=dict(factor_ptr=f32((B,)), norm_ptr=f32((B,))),
                       constexprs=dict(spec.constexprs, HAS_MASK=mask is not None, AUTOMATIC=bool(automatic)),
                       num_warps=spec.num_warps, name="clip_factors")

@@ -26,7 +26,7 @@ from jax import lax
 from dpprims.kernels import conv as _k
 from dpprims.kernels.conv import Conv2dGeometry
 
-from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record
+from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable
 from .linear import _JNP_PRECISION, _kernel_dtype, arch, check_factors, clipped_sum_operand, dot_precision
 
 CONV_NORM_METHODS = ("auto", "direct", "ghost")
@@ -161,11 +161,11 @@ def conv_weight_sq_norms(x, G, *, kernel_size, strides, padding, dilation=1, gro
 
 
 def _weight_sq_norms(x, G, *, op, geo, pads, method, precision):
-    path = record(op)
-    if path == "jnp":
-        return jnp_conv_weight_sq_norms(x, G, geo, pads, method, precision)
-    (partials,) = launch(conv_norm_call(x, G, geo, method, precision), path).values()
-    return partials.sum(axis=1)
+    def kernel(path, x, G):
+        (partials,) = launch(conv_norm_call(x, G, geo, method, precision), path).values()
+        return partials.sum(axis=1)
+
+    return dispatch(op, (x, G), lambda x, G: jnp_conv_weight_sq_norms(x, G, geo, pads, method, precision), kernel)
 
 
 def conv_norm_call(x, G, geo: Conv2dGeometry, method: str, precision: str) -> KernelCall:
@@ -242,14 +242,16 @@ def conv_clipped_weight_grad(x, G, c, *, kernel_size, strides, padding, dilation
 
 
 def _clipped_weight_grad(x, G, c, *, geo, k, s, pads, d, precision):
-    path = record("conv_clipped_weight_grad")
-    if path == "jnp":
-        return jnp_conv_clipped_weight_grad(x, G, c, k, s, pads, d, geo.groups, precision)
-    (partials,) = launch(conv_clipped_weight_grad_call(x, G, c, geo, precision), path).values()
-    w = partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)  # [C_out, D], D = (c, kh, kw)
-    w = w.reshape(geo.C_out, geo.C_in_g, geo.KH, geo.KW)
-    w = jnp.transpose(w, (2, 3, 1, 0))  # [KH, KW, C_in_g, C_out]
-    return w[0] if len(k) == 1 else w
+    def kernel(path, x, G, c):
+        (partials,) = launch(conv_clipped_weight_grad_call(x, G, c, geo, precision), path).values()
+        w = partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)  # [C_out, D], D = (c, kh, kw)
+        w = w.reshape(geo.C_out, geo.C_in_g, geo.KH, geo.KW)
+        w = jnp.transpose(w, (2, 3, 1, 0))  # [KH, KW, C_in_g, C_out]
+        return w[0] if len(k) == 1 else w
+
+    return dispatch("conv_clipped_weight_grad", (x, G, c),
+                    lambda x, G, c: jnp_conv_clipped_weight_grad(x, G, c, k, s, pads, d, geo.groups, precision),
+                    kernel)
 
 
 def conv_clipped_weight_grad_call(x, G, c, geo: Conv2dGeometry, precision: str) -> KernelCall:

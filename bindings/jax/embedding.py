@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from dpprims.kernels import embedding as _k
 from dpprims.kernels import linear as _kl
 
-from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record, strides
+from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable, strides
 from .linear import _JNP_PRECISION, _kernel_dtype, arch, as3d, check_factors, clipped_sum_operand, dot_precision
 
 
@@ -48,16 +48,19 @@ def embedding_sq_norms(ids, G, num_embeddings: int, precision: str = "ieee"):
 
 
 def _sq_norms(ids, G, *, precision):
-    path = record("embedding_sq_norms")
-    if path == "jnp":
+    def plain(ids, G):
         dt = acc_dtype(G)
         g = G.astype(dt)
         ok = ids >= 0
         same = (ids[:, :, None] == ids[:, None, :]) & ok[:, :, None] & ok[:, None, :]
         gg = jnp.einsum("bsp,btp->bst", g, g, precision=_JNP_PRECISION[precision])
         return jnp.sum(jnp.where(same, gg, 0), axis=(1, 2))
-    (partials,) = launch(embedding_norm_call(ids, G, precision), path).values()
-    return partials.sum(axis=1)
+
+    def kernel(path, ids, G):
+        (partials,) = launch(embedding_norm_call(ids, G, precision), path).values()
+        return partials.sum(axis=1)
+
+    return dispatch("embedding_sq_norms", (ids, G), plain, kernel)
 
 
 def embedding_norm_call(ids, G, precision: str) -> KernelCall:
@@ -86,16 +89,18 @@ def embedding_clipped_grad(ids, G, c, num_embeddings: int, precision: str = "iee
 
 
 def _clipped_grad(ids, G, c, *, V, precision):
-    path = record("embedding_clipped_grad")
-    B, T, P = G.shape
-    if path == "jnp":
+    def plain(ids, G, c):
+        P = G.shape[2]
         dt = acc_dtype(G)
         keep = (c != 0)[:, None] & (ids >= 0)  # [B, T]
         rows = jnp.where(keep[:, :, None], G.astype(dt) * c.astype(dt)[:, None, None], 0)
         idx = jnp.where(keep, ids, V).reshape(-1)
         return jnp.zeros((V, P), dt).at[idx].add(rows.reshape(-1, P), mode="drop")
-    (out,) = launch(embedding_clipped_grad_call(ids, G, c, V, precision), path).values()
-    return out
+
+    def kernel(path, ids, G, c):
+        return launch(embedding_clipped_grad_call(ids, G, c, V, precision), path)["out_ptr"]
+
+    return dispatch("embedding_clipped_grad", (ids, G, c), plain, kernel)
 
 
 def embedding_clipped_grad_call(ids, G, c, V: int, precision: str) -> KernelCall:

@@ -17,7 +17,7 @@ from jax import lax
 
 from dpprims.kernels import linear as _k
 
-from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record, strides
+from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable, strides
 from ._call import _is_interpreted as is_interpreted
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -91,13 +91,13 @@ def linear_weight_sq_norms(A, G, method: str, precision: str = "ieee"):
 
 
 def _weight_sq_norms(A, G, *, op, method, precision):
-    path = record(op)
-    if path == "jnp":
-        return jnp_weight_sq_norms(A, G, method, precision)
-    if method == "outer":
-        return rows_sq_norm(A[:, 0, :]) * rows_sq_norm(G[:, 0, :])
-    (partials,) = launch(linear_norm_call(A, G, method, precision), path).values()
-    return partials.sum(axis=1)
+    def kernel(path, A, G):
+        if method == "outer":
+            return rows_sq_norm(A[:, 0, :]) * rows_sq_norm(G[:, 0, :])
+        (partials,) = launch(linear_norm_call(A, G, method, precision), path).values()
+        return partials.sum(axis=1)
+
+    return dispatch(op, (A, G), lambda A, G: jnp_weight_sq_norms(A, G, method, precision), kernel)
 
 
 def linear_norm_call(A, G, method: str, precision: str) -> KernelCall:
@@ -156,12 +156,11 @@ def rows_sq_norm(x):
 
 
 def _rows_sq_norm(x):
-    path = record("rows_sq_norm")
-    if path == "jnp":
+    def plain(x):
         xf = x.astype(acc_dtype(x))
         return jnp.sum(xf * xf, axis=1)
-    (out,) = launch(rows_sq_norm_call(x), path).values()
-    return out
+
+    return dispatch("rows_sq_norm", (x,), plain, lambda path, x: launch(rows_sq_norm_call(x), path)["out_ptr"])
 
 
 def rows_sq_norm_call(x) -> KernelCall:
@@ -185,15 +184,17 @@ def linear_bias_sq_norms(G):
 
 
 def _bias_sq_norms(G):
-    path = record("linear_bias_sq_norms")
-    B, T, P = G.shape
-    if path == "jnp":
+    def plain(G):
         s = jnp.sum(G.astype(acc_dtype(G)), axis=1)
         return jnp.sum(s * s, axis=1)
-    if T == 1:
-        return rows_sq_norm(G[:, 0, :])
-    (partials,) = launch(linear_bias_norm_call(G), path).values()
-    return partials.sum(axis=1)
+
+    def kernel(path, G):
+        if G.shape[1] == 1:
+            return rows_sq_norm(G[:, 0, :])
+        (partials,) = launch(linear_bias_norm_call(G), path).values()
+        return partials.sum(axis=1)
+
+    return dispatch("linear_bias_sq_norms", (G,), plain, kernel)
 
 
 def linear_bias_norm_call(G) -> KernelCall:
@@ -224,12 +225,12 @@ def linear_clipped_weight_grad(A, G, c, precision: str = "ieee"):
 
 
 def _clipped_weight_grad(A, G, c, *, precision):
-    path = record("linear_clipped_weight_grad")
-    if path == "jnp":
-        return jnp_clipped_weight_grad(A, G, c, precision)
-    call = linear_clipped_weight_grad_call(A, G, c, precision)
-    (partials,) = launch(call, path).values()
-    return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)
+    def kernel(path, A, G, c):
+        (partials,) = launch(linear_clipped_weight_grad_call(A, G, c, precision), path).values()
+        return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)
+
+    return dispatch("linear_clipped_weight_grad", (A, G, c),
+                    lambda A, G, c: jnp_clipped_weight_grad(A, G, c, precision), kernel)
 
 
 def arch() -> int:
@@ -293,13 +294,13 @@ def linear_clipped_bias_grad(G, c):
 
 
 def _clipped_bias_grad(G, c):
-    path = record("linear_clipped_bias_grad")
-    if path == "jnp":
+    def plain(G, c):
         dt = acc_dtype(G)
         keep = (c != 0)[:, None, None]
         return jnp.sum(jnp.where(keep, G.astype(dt) * c.astype(dt)[:, None, None], 0), axis=(0, 1))
-    (out,) = launch(linear_clipped_bias_grad_call(G, c), path).values()
-    return out
+
+    return dispatch("linear_clipped_bias_grad", (G, c), plain,
+                    lambda path, G, c: launch(linear_clipped_bias_grad_call(G, c), path)["out_ptr"])
 
 
 def linear_clipped_bias_grad_call(G, c) -> KernelCall:

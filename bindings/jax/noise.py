@@ -59,7 +59,7 @@ from dpprims import noise as _nz
 from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import noise as _k
 
-from ._call import KernelCall, launch, nondifferentiable, record
+from ._call import KernelCall, dispatch, launch, nondifferentiable, record
 
 __all__ = [
     "gaussian_noise", "gaussian_noise_jnp", "as_seed_array", "as_step_array", "noise_scalars",
@@ -382,19 +382,23 @@ def _noise_plus_x(x, seed, step, scal, **static):
 
 
 def _noise(x, seed, step, scal, *, n, pair_offset, rank, stream, out_dtype):
-    path = record("gaussian_noise")
-    if path == "jnp":
+    def plain(x, seed, step, scal):
         return _noise_jnp(x, seed, step, scal, noise_words(pair_offset, rank), n=n, out_dtype=out_dtype,
                           libm=_libm())
-    spec = _k.gaussian_noise_spec(n)
-    call = KernelCall(
-        _k._gaussian_noise_kernel, spec.grid,
-        inputs=dict(x_ptr=x if x is not None else jnp.zeros((1,), _F32),  # HAS_X=False: never read
-                    seed_ptr=seed, step_ptr=step, scal_ptr=scal, n_elements=n, pair_offset=pair_offset,
-                    stream_word=stream),
-        outputs=dict(out_ptr=jax.ShapeDtypeStruct((n,), out_dtype)),
-        constexprs=dict(spec.constexprs, HAS_X=x is not None), num_warps=spec.num_warps, name="gaussian_noise")
-    return launch(call, path)["out_ptr"]
+
+    def kernel(path, x, seed, step, scal):
+        spec = _k.gaussian_noise_spec(n)
+        call = KernelCall(
+            _k._gaussian_noise_kernel, spec.grid,
+            inputs=dict(x_ptr=x if x is not None else jnp.zeros((1,), _F32),  # HAS_X=False: never read
+                        seed_ptr=seed, step_ptr=step, scal_ptr=scal, n_elements=n, pair_offset=pair_offset,
+                        stream_word=stream),
+            outputs=dict(out_ptr=jax.ShapeDtypeStruct((n,), out_dtype)),
+            constexprs=dict(spec.constexprs, HAS_X=x is not None), num_warps=spec.num_warps,
+            name="gaussian_noise")
+        return launch(call, path)["out_ptr"]
+
+    return dispatch("gaussian_noise", (x, seed, step, scal), plain, kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "out_dtype", "libm"))

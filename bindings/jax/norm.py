@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dpprims.kernels import norm_affine as _k
 
-from ._call import KernelCall, acc_dtype, f32, launch, nondifferentiable, record, strides
+from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable, strides
 from .linear import _kernel_dtype, check_factors
 
 
@@ -33,14 +33,17 @@ def norm_affine_per_example_grads(xhat, G):
 
 
 def _per_example_grads(xhat, G):
-    path = record("norm_affine_per_example_grads")
-    if path == "jnp":
+    def plain(xhat, G):
         dt = acc_dtype(xhat, G)
         x, g = xhat.astype(dt), G.astype(dt)
         pe = jnp.stack([jnp.sum(x * g, axis=1), jnp.sum(g, axis=1)], axis=1)
         return pe, jnp.sum(pe * pe, axis=2)
-    outs = launch(norm_affine_grads_call(xhat, G), path)
-    return outs["pe_ptr"], outs["sq_ptr"].sum(axis=2)
+
+    def kernel(path, xhat, G):
+        outs = launch(norm_affine_grads_call(xhat, G), path)
+        return outs["pe_ptr"], outs["sq_ptr"].sum(axis=2)
+
+    return dispatch("norm_affine_per_example_grads", (xhat, G), plain, kernel)
 
 
 def norm_affine_grads_call(xhat, G) -> KernelCall:
@@ -73,13 +76,13 @@ def clipped_rows_sum(rows, c):
 
 
 def _clipped_rows_sum(rows, c):
-    path = record("clipped_rows_sum")
-    if path == "jnp":
+    def plain(rows, c):
         dt = acc_dtype(rows)
         keep = (c != 0)[:, None]
         return jnp.sum(jnp.where(keep, rows.astype(dt) * c.astype(dt)[:, None], 0), axis=0)
-    (out,) = launch(clipped_rows_sum_call(rows, c), path).values()
-    return out
+
+    return dispatch("clipped_rows_sum", (rows, c), plain,
+                    lambda path, rows, c: launch(clipped_rows_sum_call(rows, c), path)["out_ptr"])
 
 
 def clipped_rows_sum_call(rows, c) -> KernelCall:

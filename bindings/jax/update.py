@@ -50,7 +50,7 @@ from dpprims.kernels import update as _ku
 
 from . import _call
 from . import noise as _jn
-from ._call import KernelCall, nondifferentiable, record
+from ._call import KernelCall, nondifferentiable
 from .noise import _is_traced, _noise_z, as_seed_array, as_step_array, div_rn, fp32_exact
 
 __all__ = ["noisy_update", "init_opt_state", "make_hyper", "noisy_update_leaf", "OPTIMIZERS"]
@@ -237,17 +237,20 @@ def _update_leaves(params, grads, s1s, s2s, seed, step, hyper, *, kind: int, off
 
 
 def _update_flat(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, rank, nesterov, write_grad):
-    path = record("noisy_update")
-    if path == "jnp":
+    def plain(seed, step, hyper, params, grads, s1s, s2s):
         return _update_jnp(params, grads, s1s, s2s, seed, step, hyper, _jn.noise_words(offsets[0], rank),
                            offsets=offsets, kind=kind, nesterov=nesterov, write_grad=write_grad, libm=_jn._libm(),
                            x64=bool(jax.config.jax_enable_x64))
-    out = ([], [], [], [])
-    for leaf in zip(params, grads, s1s, s2s, offsets):
-        for lst, val in zip(out, _kernel_leaf(path, *leaf, seed, step, hyper, kind=kind, rank=rank, nesterov=nesterov,
-                                              write_grad=write_grad)):
-            lst.append(val)
-    return out
+
+    def kernel(path, seed, step, hyper, params, grads, s1s, s2s):
+        out = ([], [], [], [])
+        for leaf in zip(params, grads, s1s, s2s, offsets):
+            for lst, val in zip(out, _kernel_leaf(path, *leaf, seed, step, hyper, kind=kind, rank=rank,
+                                                  nesterov=nesterov, write_grad=write_grad)):
+                lst.append(val)
+        return out
+
+    return _call.dispatch("noisy_update", (seed, step, hyper, params, grads, s1s, s2s), plain, kernel)
 
 
 def _kernel_leaf(path, param, grad, s1, s2, pair_offset, seed, step, hyper, *, kind, rank, nesterov, write_grad):
@@ -301,21 +304,9 @@ def noisy_update_leaf(param, grad, state1, state2, seed, step, hyper, *, optimiz
 
 
 def _launch_aliased(call: KernelCall, path: str, aliases: dict) -> dict:
-    """``_call.launch`` plus ``input_output_aliases`` on the jax-triton path (by parameter name;
+    """``_call.launch`` with ``input_output_aliases`` on the jax-triton path (by parameter name;
     jax-triton counts array arguments only). The interpreter path needs no aliasing."""
-    if path != "jax-triton":
-        return _call.launch(call, path)
-    arr = _call.arrange(call)
-    jt, out_kw = _call._jax_triton()
-    if _call._is_interpreted(arr.kernel):
-        raise RuntimeError("the 'jax-triton' path got an interpreter kernel: TRITON_INTERPRET=1 was set "
-                           "when dpprims.kernels was imported")
-    array_names = [n for n, v in arr.args if _call._is_array(v)]
-    io = {array_names.index(i): arr.out_names.index(o) for i, o in aliases.items()}
-    outs = jt.triton_call(*[v for _, v in arr.args], kernel=arr.kernel, grid=arr.grid, num_warps=arr.num_warps,
-                          input_output_aliases=io, **{out_kw: list(arr.out_shapes)}, **arr.metaparams)
-    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    return dict(zip(arr.out_names, outs))
+    return _call.launch(call, path, aliases=aliases)
 
 
 # ----------------------------------------------------------------------------- user API

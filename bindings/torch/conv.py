@@ -102,8 +102,8 @@ def conv2d_weight_sq_norms(x: torch.Tensor, G: torch.Tensor, kernel_size: list[i
     else:
         spec, kernel = _k.conv2d_norm_ghost_spec(geo), _k._conv2d_norm_ghost_kernel
     partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
-    _launch(kernel, spec, x4, G4, partials, *geo.scalars(), *geo.conv_scalars(),
-            *x4.stride(), *G4.stride(), DOT_PRECISION=prec)
+    _launch(kernel, spec, x4, G4, *geo.scalars(), *geo.conv_scalars(),
+            *x4.stride(), *G4.stride(), partials, DOT_PRECISION=prec)
     return partials.sum(dim=1)
 
 
@@ -169,7 +169,7 @@ def conv2d_bias_grads(G: torch.Tensor) -> torch.Tensor:
         return G4.float().sum(dim=(2, 3))
     spec = _k.conv2d_bias_grads_spec(B, C, H_out * W_out)
     out = empty(spec.outputs["out"], device=G.device, dtype=torch.float32)
-    _launch(_k._conv2d_bias_grads_kernel, spec, G4, out, C, H_out * W_out, W_out, *G4.stride())
+    _launch(_k._conv2d_bias_grads_kernel, spec, G4, C, H_out * W_out, W_out, *G4.stride(), out)
     return out
 
 

@@ -77,8 +77,8 @@ def embedding_sq_norms(ids: torch.Tensor, G: torch.Tensor, padding_idx: int | No
     G = interpreter_safe(G, backend)
     spec = _k.embedding_norm_ghost_spec(B, T, P)
     partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
-    _launch(_k._embedding_norm_ghost_kernel, spec, ids, G, partials, T, P, pad,
-            *ids.stride(), *G.stride(), DOT_PRECISION=prec)
+    _launch(_k._embedding_norm_ghost_kernel, spec, ids, G, T, P, pad,
+            *ids.stride(), *G.stride(), partials, DOT_PRECISION=prec)
     return partials.sum(dim=1)
 
 

@@ -113,7 +113,7 @@ def linear_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str, precis
         spec = _k.linear_norm_ghost_spec(B, T, D, P)
         kernel = _k._linear_norm_ghost_kernel
     partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
-    _launch(kernel, spec, A, G, partials, T, D, P, *A.stride(), *G.stride(), DOT_PRECISION=prec)
+    _launch(kernel, spec, A, G, T, D, P, *A.stride(), *G.stride(), partials, DOT_PRECISION=prec)
     return partials.sum(dim=1)
 
 
@@ -152,7 +152,7 @@ def rows_sq_norm(x: torch.Tensor) -> torch.Tensor:
     B, N = x.shape
     spec = _k.rows_sq_norm_spec(B, N)
     out = empty(B, device=x.device, dtype=torch.float32)
-    _launch(_k._rows_sq_norm_kernel, spec, x, out, N, *x.stride())
+    _launch(_k._rows_sq_norm_kernel, spec, x, N, *x.stride(), out)
     return out
 
 
@@ -170,7 +170,7 @@ def linear_bias_sq_norms(G: torch.Tensor) -> torch.Tensor:
         return rows_sq_norm(G[:, 0, :])
     spec = _k.linear_bias_norm_spec(B, T, P)
     partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
-    _launch(_k._linear_bias_norm_kernel, spec, G, partials, T, P, *G.stride())
+    _launch(_k._linear_bias_norm_kernel, spec, G, T, P, *G.stride(), partials)
     return partials.sum(dim=1)
 
 
@@ -247,7 +247,7 @@ def linear_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.where(keep, G.float() * c.view(B, 1, 1), 0.0).sum(dim=(0, 1))
     spec = _k.linear_clipped_bias_grad_spec(B, T, P)
     out = empty(P, device=G.device, dtype=torch.float32)
-    _launch(_k._linear_clipped_bias_grad_kernel, spec, G, c, out, B, T, P, *G.stride())
+    _launch(_k._linear_clipped_bias_grad_kernel, spec, G, c, B, T, P, *G.stride(), out)
     return out
 
 
@@ -301,7 +301,7 @@ def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_nor
     if m.dtype == torch.bool:
         m = m.to(torch.uint8)
     _launch(_kclip._clip_factor_kernel, spec, sq_norms.float().contiguous(), m.contiguous(),
-            max_grad_norm.float().reshape(1), c, n, B, float(gamma),
+            max_grad_norm.float().reshape(1), B, float(gamma), c, n,
             HAS_MASK=mask is not None, AUTOMATIC=bool(automatic))
     return c, n
 

@@ -78,8 +78,8 @@ def _affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool, op: st
     pe = empty(spec.outputs["per_example"], device=x3.device, dtype=torch.float32)
     partials = empty(spec.outputs["partials"], device=x3.device, dtype=torch.float32)
     m, s = (mean, rstd) if mean is not None else (pe, pe)  # dummy buffers when HAS_STATS is False
-    _launch(_k._norm_affine_grads_kernel, spec, x3, g3, m, s, pe, partials,
-            R, C, cpg, ng, *x3.stride(), *g3.stride(),
+    _launch(_k._norm_affine_grads_kernel, spec, x3, g3, m, s,
+            R, C, cpg, ng, *x3.stride(), *g3.stride(), pe, partials,
             HAS_STATS=mean is not None, ROW_STATS=row_stats)
     sq = partials[:, :, 0] if partials.shape[2] == 1 else partials.sum(dim=2)
     return pe, sq
@@ -186,7 +186,7 @@ def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.where(keep, X.float() * c.view(B, 1), 0.0).sum(dim=0)
     spec = _k.clipped_rows_sum_spec(B, N)
     out = empty(spec.outputs["out"], device=X.device, dtype=torch.float32)
-    _launch(_k._clipped_rows_sum_kernel, spec, X, c, out, B, N, *X.stride())
+    _launch(_k._clipped_rows_sum_kernel, spec, X, c, B, N, *X.stride(), out)
     return out
 
 
