@@ -299,6 +299,23 @@ def plot(args) -> str:
     return out
 
 
+def _check_train_args(args) -> None:
+    """Flag combinations that cannot work, refused before anything is loaded or trained."""
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint DIR (the directory to resume from)")
+    if args.checkpoint and Path(args.checkpoint).exists() and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: exists and is not a directory; give a directory path")
+    for flag, value in (("--log", args.log), ("--plot", args.plot)):
+        if value and Path(value).is_dir():
+            raise UsageError(f"{flag} {value}: is a directory; give a file path")
+    if args.width is not None and args.model.lower().replace("_", "-") in ("mlp", "cnn"):
+        raise UsageError(f"--width {args.width}: --model {args.model} has no width; drop --width (it sets the "
+                         "ResNets' base width and the transformer's dimension)")
+    if args.framework == "jax" and args.nproc > 1 and args.physical_batch_size % args.nproc:
+        raise UsageError(f"--physical-batch-size {args.physical_batch_size} is not divisible by --nproc {args.nproc}: "
+                         "each JAX device takes an equal share of every physical batch")
+
+
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plot":
@@ -307,8 +324,7 @@ def _main(argv) -> int:
     if args.command != "train":
         _parser().print_help()
         return 2
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume needs --checkpoint DIR (the directory to resume from)")
+    _check_train_args(args)
     if args.nproc > 1:
         from dpprims.distributed import in_distributed_env, spawn
 

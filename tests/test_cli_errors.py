@@ -58,7 +58,11 @@ CASES = [
     (["train", "--data", "synthetic:1,4:3"], ["synthetic"]),
     (["train", "--data", SYN, "--sigma", "1", "--model", "gpt5"], ["--model", "'gpt5'", "mlp"]),
     (["train", "--data", SYN, "--expected-batch-size", "5000"], ["--expected-batch-size", "300", "5000"]),
-    (["train", "--data", SYN, "--physical-batch-size", "4", "--secure", "--checkpoint", "CK"], ["--secure", "--checkpoint"]),
+    (["train", "--data", SYN, "--sigma", "1", "--physical-batch-size", "4", "--secure", "--checkpoint", "CK"], ["--secure", "--checkpoint"]),
+    (["train", "--checkpoint", "afile"], ["--checkpoint afile", "not a directory"]),
+    (["train", "--log", "."], ["--log .", "directory"]),
+    (["train", "--model", "mlp", "--width", "8"], ["--width 8", "mlp"]),
+    (["train", "--framework", "jax", "--nproc", "3"], ["--physical-batch-size 128", "--nproc 3"]),
     (["plot", "/no/such/log.jsonl"], ["/no/such/log.jsonl", "--log"]),
     (["plot"], ["log"]),
 ]
@@ -67,6 +71,7 @@ CASES = [
 @pytest.mark.parametrize("argv,needles", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_user_error_is_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
     rc, err = _run(capsys, *argv)
     assert rc == 2
     lines = err.strip().splitlines()
