@@ -79,8 +79,10 @@ LOG_KEEP_BYTES = 400_000  # per child log appended to the main log (head + tail)
 CAPS = {
     "install": (150, 120), "ceilings": (60, 0), "tests-jax": (100, 300), "tests-torch": (150, 300),
     "train-torch": (110, 300), "train-jax": (140, 300), "kernels": (100, 300), "e2e-r18": (330, 300),
-    "e2e-r50": (240, 200),
+    "profile": (75, 200), "e2e-r50": (240, 200),
 }
+PROFILE_NEED = (60, 20)  # the profile runs after the e2e table only with this much left
+PROFILE_STEPS = 3
 E2E_WORKER_CAP = (100, 200)  # per method process
 E2E_R18_NEED = (180, 60)  # budget kept for the e2e table by the parts before it
 E2E_R50_NEED = (150, 40)  # started only with this much of the budget left
@@ -213,8 +215,11 @@ class Check:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share the GPU
-        if self.gpu and not self.dry:
-            env.pop("TRITON_INTERPRET", None)  # compiled kernels; triton 3.6's interpreter fails with numpy >= 2.4
+        # Never inherited: on a GPU the kernels compile (triton 3.6's interpreter fails with numpy >= 2.4
+        # there); on a dry run the pytest parts' conftest files set it themselves and the CLI, e2e
+        # and profile children take dpprims' plain-torch / jnp paths (as e2e.py --smoke does) - a
+        # parent pytest (tests/conftest.py sets it) must not turn them into interpreter runs.
+        env.pop("TRITON_INTERPRET", None)
         env.pop("PYTEST_ADDOPTS", None)
         return env
 
@@ -380,18 +385,7 @@ class Check:
 
     def _train_cmd(self, fw: str) -> list[str]:
         cli = [self.cli] if self.cli else self.py("-m", "dpprims.cli")
-        if self.dry:  # tiny: a small CNN on 8x8 inputs, fp32 on the CPU, a few steps
-            data, model, prec, dev, epochs, batch = "synthetic:3,8,8:10:72", "cnn", "fp32", "cpu", "1", "32"
-        else:  # ResNet-18 (CIFAR stem) on 32x32, bf16: ~100 logical steps of 256, about 30 s of training
-            data, model, prec, dev, epochs, batch = "synthetic:3,32,32:10:14000", "resnet18-cifar", "bf16", "cuda", "2", "256"
-        cmd = cli + ["train", "--framework", fw, "--model", model, "--precision", prec, "--data", data,
-                     "--epochs", epochs, "--expected-batch-size", batch, "--physical-batch-size", batch,
-                     "--no-progress", "--json", "--log", str(self.work / f"train-{fw}.jsonl")]
-        if fw == "torch" or self.dry:
-            cmd += ["--device", dev]
-        if self.dry:  # no epsilon calibration: the accountant is not what this checks, and it costs CPU seconds
-            cmd += ["--sigma", "1.0"]
-        return cmd
+        return cli + train_args(fw, self.dry, self.work / f"train-{fw}.jsonl")
 
     def _tests_result(self, job: Job, junit: Path, rec: dict) -> None:
         res = _parse_junit(junit) if junit.exists() else _parse_pytest_text(job.output())
@@ -430,8 +424,8 @@ class Check:
                       f"epsilon {out.get('epsilon', 0):.2f}; kernels: {paths}")
             warn = None
             want = "jax-triton" if fw == "jax" else "triton"
-            if not self.dry and want not in (out.get("kernel_paths") or []):
-                warn = f"clipping kernels did not run on the {want} GPU path ({paths})"
+            if not self.dry and set(out.get("kernel_paths") or []) != {want}:
+                warn = f"not all clipping ops ran on the {want} GPU path ({paths}): the run does not show the fused kernels"
             self.part(job.name, "ok" if not warn else "failed", warn, result=result, **rec)
         else:
             self.res["train"][fw] = None
@@ -441,14 +435,8 @@ class Check:
         cap = self.cap("kernels", reserve=E2E_R18_NEED[self.mode])
         if self.too_late("kernels", cap, need=30):
             return
-        mode = "fp32-ieee" if self.dry else "bf16"
-        size = "smoke" if self.dry else "full"
-        sel = select_kernel_cases(KERNEL_MODELS, smoke=self.dry, share=0.8 if not self.dry else 0.0,
-                                  max_per_model=5 if not self.dry else 1)
-        expr = " or ".join(f"{c['id_prefix']}-{mode}-" for c in sel["cases"]) + " or update-synthetic"
-        cmd = self.py("-m", "pytest", str(BENCH / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                      f"--bench-size={size}", f"--bench-models={','.join(KERNEL_MODELS)}", f"--bench-modes={mode}",
-                      "--bench-suites=conv,linear,update", "--bench-rep-ms=50", f"--bench-out={self.out}", "-k", expr)
+        args, sel, mode = kernel_pytest_args(self.dry, self.out)
+        cmd = self.py("-m", "pytest", *args)
         before = set(self.out.iterdir())
         job = Job("kernels", cmd, cap, self.env, self.work / "kernels.log", interrupt_first=True, grace=20).start().wait()
         self.append_log(job)
@@ -539,6 +527,32 @@ class Check:
             reason = "; ".join(([reason] if reason else []) + ["WARNING " + w for w in warn])
             status = "failed" if status == "ok" else status
         self.part(name, status, reason, result=f"{len(rows) - len(not_ok)}/{len(rows)} methods ok", **rec)
+
+    def profile(self) -> None:
+        """torch.profiler over a few r18-32-b256 bf16 steps of torch-nonprivate and dpprims-torch,
+        built exactly as e2e.py builds them: where a target is missed, the per-kernel device time
+        says where the step's time goes (no second device call needed for it)."""
+        cap = self.cap("profile")
+        if self.too_late("profile", cap, need=PROFILE_NEED[self.mode]):
+            return
+        spec = dict(config="r18-32-b256", smoke=self.dry, precision="fp32" if self.dry else "bf16",
+                    methods=DRY_E2E_METHODS, steps=PROFILE_STEPS, device="cpu" if self.dry else "cuda")
+        spec_path = self.work / "profile-spec.json"
+        spec_path.write_text(json.dumps(spec))
+        job = Job("profile", self.py(str(Path(__file__).resolve()), "--profile-worker", str(spec_path)), cap, self.env,
+                  self.work / "profile.log").start().wait()
+        self.append_log(job)
+        data = _last_json(job.output())
+        rec = job.record()
+        if job.rc != 0 or not data:
+            return self.part("profile", "timeout" if job.timed_out else "failed", _fail_reason(job), **rec)
+        self.res["profile"] = data
+        bad = {m: d["error"] for m, d in data["methods"].items() if d.get("error")}
+        line = "; ".join(f"{m}: {d['step_ms']:.1f} ms/step ({', '.join(f'{k} {v:.1f}' for k, v in d['by_category'].items())})"
+                         for m, d in data["methods"].items() if not d.get("error"))
+        note = f"dry run ({self.res['dry_reason']}): CPU op times of a tiny model" if self.dry else None
+        self.part("profile", "failed" if bad else "ok", "; ".join(f"{m}: {e}" for m, e in bad.items()) or note,
+                  result=line, **rec)
 
     # ---------------------------------------------------------------- end
     def finish(self) -> int:
@@ -737,6 +751,114 @@ def _compact_row(r: dict) -> dict:
     return out
 
 
+def train_args(fw: str, dry: bool, log: Path) -> list[str]:
+    """`dpprims train` arguments of the train-torch / train-jax parts."""
+    if dry:  # tiny: a small CNN on 8x8 inputs, fp32 on the CPU, a few steps
+        data, model, prec, dev, epochs, batch = "synthetic:3,8,8:10:72", "cnn", "fp32", "cpu", "1", "32"
+    else:  # ResNet-18 (CIFAR stem) on 32x32, bf16: ~100 logical steps of 256, about 30 s of training
+        data, model, prec, dev, epochs, batch = "synthetic:3,32,32:10:14000", "resnet18-cifar", "bf16", "cuda", "2", "256"
+    cmd = ["train", "--framework", fw, "--model", model, "--precision", prec, "--data", data, "--epochs", epochs,
+           "--expected-batch-size", batch, "--physical-batch-size", batch, "--no-progress", "--json", "--log", str(log)]
+    if fw == "torch" or dry:  # JAX picks its platform itself (--device names a torch device)
+        cmd += ["--device", dev]
+    if dry:  # no epsilon calibration: the accountant is not what this checks, and it costs CPU seconds
+        cmd += ["--sigma", "1.0"]
+    return cmd
+
+
+def kernel_pytest_args(dry: bool, out: Path) -> tuple[list[str], dict, str]:
+    """pytest arguments of the kernels part (after ``python -m pytest``), the layer selection and
+    the mode: full size in bf16 on a GPU, smoke size in fp32 (the interpreter) on a dry run."""
+    mode = "fp32-ieee" if dry else "bf16"
+    size = "smoke" if dry else "full"
+    sel = select_kernel_cases(KERNEL_MODELS, smoke=dry, share=0.0 if dry else 0.8, max_per_model=1 if dry else 5)
+    expr = " or ".join(f"{c['id_prefix']}-{mode}-" for c in sel["cases"]) + " or update-synthetic"
+    args = [str(BENCH / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+            f"--bench-size={size}", f"--bench-models={','.join(KERNEL_MODELS)}", f"--bench-modes={mode}",
+            "--bench-suites=conv,linear,update", "--bench-rep-ms=50", f"--bench-out={out}", "-k", expr]
+    return args, sel, mode
+
+
+def kernel_category(name: str) -> str:
+    """Coarse class of a profiled device kernel (or CPU op on a dry run) by its name."""
+    n = name.lower()
+    if re.match(r"^_\w+_kernel", name):
+        return "dpprims-triton"
+    if n.startswith("triton_") or "triton" in n:
+        return "other-triton"
+    if any(k in n for k in ("wgrad", "dgrad", "fprop", "cudnn", "conv", "implicit_convolve", "xmma", "cutlass", "gemm",
+                            "sm90", "sm80", "cublas", "ampere", "hopper", "dot")) or re.search(r"(^|[^a-z])b?mm([^a-z]|$)", n):
+        return "cudnn/cublas"
+    if any(k in n for k in ("norm", "welford")):
+        return "norm"
+    if any(k in n for k in ("memcpy", "memset", "copy", "fill")):
+        return "copy/fill"
+    if any(k in n for k in ("elementwise", "vectorized", "reduce", "foreach", "multi_tensor", "unrolled")):
+        return "elementwise/reduce"
+    return "other"
+
+
+def profile_worker(spec_path: str) -> int:
+    """Child of the profile part: torch.profiler over PROFILE_STEPS steps of each method, after
+    3 warm-up steps; prints one JSON line with the top kernels by self device time per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    import e2e
+
+    spec0 = json.loads(Path(spec_path).read_text())
+    table = e2e.SMOKE_CONFIGS if spec0["smoke"] else e2e.CONFIGS
+    cuda = spec0["device"] == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    out = dict(config=spec0["config"], precision=spec0["precision"], steps=spec0["steps"], device=spec0["device"],
+               timer="torch.profiler self " + ("device" if cuda else "CPU") + " time per step, after 3 warm-up steps",
+               methods={})
+    for method in spec0["methods"]:
+        spec = dict(table[spec0["config"]], config=spec0["config"], precision=spec0["precision"], method=method,
+                    device=spec0["device"])
+        spec.pop("search", None)
+        try:
+            make_step, dev, notes = e2e.torch_method(spec)
+            notes.pop("_after", None)
+            step = make_step(spec["batch"])
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with tprofile(activities=acts) as prof:
+                for _ in range(spec0["steps"]):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize()
+            evs = prof.key_averages()
+
+            def self_us(e):
+                if cuda:
+                    return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+                return float(e.self_cpu_time_total or 0)
+
+            rows = [(e.key, e.count, self_us(e)) for e in evs if self_us(e) > 0]
+            total = sum(r[2] for r in rows) / spec0["steps"] / 1e3
+            cats: dict = {}
+            for key, _, us in rows:
+                c = kernel_category(key)
+                cats[c] = cats.get(c, 0.0) + us / spec0["steps"] / 1e3
+            rows.sort(key=lambda r: -r[2])
+            out["methods"][method] = dict(
+                step_ms=total, by_category=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+                top=[dict(name=k[:160], calls_per_step=n / spec0["steps"], ms_per_step=us / spec0["steps"] / 1e3,
+                          category=kernel_category(k)) for k, n, us in rows[:25]])
+            del step, make_step
+        except Exception as e:  # noqa: BLE001 - one method's failure is its row
+            out["methods"][method] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        if cuda:
+            torch.cuda.empty_cache()
+    print(json.dumps(out))
+    return 0
+
+
 def select_kernel_cases(models, *, smoke: bool, share: float, max_per_model: int) -> dict:
     """Per model config, the conv / linear layer shapes (read off the model by bench/shapes.py)
     in decreasing order of their weight-gradient flops (count x 2*B*T*d*p), taken until they
@@ -912,12 +1034,18 @@ def summary_markdown(res: dict) -> str:
         txt = p.get("reason") or p.get("result") or ""
         if p.get("reason") and p.get("result") and p["status"] != "skipped":
             txt = f"{p['result']} - {p['reason']}"
-        out.append(f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.0f} | {txt[:400].replace('|', '/')} |")
+        out.append(f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.0f} | {txt[:260].replace('|', '/')} |")
     for cfg, e in res.get("e2e", {}).items():
         if e.get("rows"):
             out += ["", f"End to end, {cfg}:", "", e2e_markdown(e["rows"])]
     if res.get("kernels"):
         out += ["", kernels_markdown(res["kernels"])]
+    prof = res.get("profile")
+    if prof:
+        out += ["", f"Profile, {prof['config']} {prof['precision']} ({prof['timer']}), ms per step by kernel class:", ""]
+        for m, d in prof["methods"].items():
+            out.append(f"- {m}: " + (d["error"] if d.get("error") else f"{d['step_ms']:.2f} total; " + ", ".join(
+                f"{k} {v:.2f}" for k, v in d["by_category"].items())))
     out += ["", "Targets:", "", targets_markdown(res.get("targets", []))]
     viol = (res.get("files") or {}).get("violations")
     if viol:
@@ -962,12 +1090,16 @@ def main(argv=None) -> int:
                     help="output folder (default $OUT, else bench/results)")
     ap.add_argument("--budget", type=float, default=None, help="wall-clock seconds for everything (default 480; dry run 900)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes even on a GPU (the default without one)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: install, ceilings, tests (the GPU tests and the CLI runs), kernels, e2e-r18, e2e-r50")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: install, ceilings, tests (the GPU tests and the CLI runs), kernels, e2e-r18, "
+                         "profile, e2e-r50")
     ap.add_argument("--work", default=None, help="scratch folder for junit XML, child logs (default /tmp/dpprims-gpu-check-PID)")
     ap.add_argument("--prepare", action="store_true", help="here, before the device call: wheels, .whl/COMMIT, tree size")
+    ap.add_argument("--profile-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.prepare:
         return prepare()
+    if args.profile_worker:
+        return profile_worker(args.profile_worker)
     chk = Check(args)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     chk.say(f"dpprims GPU check{' (DRY RUN: ' + chk.res['dry_reason'] + ')' if chk.dry else ''}")
@@ -975,7 +1107,7 @@ def main(argv=None) -> int:
             f"commit: {chk.info.get('git_commit')} ({chk.info.get('commit_source')})\nbudget: {chk.budget:.0f} s, out: {chk.out}")
     chk.save()
     steps = [("install", chk.install), ("ceilings", chk.ceilings), ("tests", chk.correctness), ("kernels", chk.kernels),
-             ("e2e-r18", lambda: chk.e2e("r18", "r18-32-b256", "e2e")),
+             ("e2e-r18", lambda: chk.e2e("r18", "r18-32-b256", "e2e")), ("profile", chk.profile),
              ("e2e-r50", lambda: chk.e2e("r50", "r50-224-b64", "e2e-r50"))]
     for name, fn in steps:
         if name in skip:

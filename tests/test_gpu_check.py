@@ -25,7 +25,8 @@ sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
 import readme_table  # noqa: E402
 
-PARTS = {"install", "ceilings", "tests-jax", "tests-torch", "train-torch", "train-jax", "kernels", "e2e-r18", "e2e-r50"}
+PARTS = {"install", "ceilings", "tests-jax", "tests-torch", "train-torch", "train-jax", "kernels", "e2e-r18", "profile",
+         "e2e-r50"}
 STATUSES = {"ok", "failed", "skipped", "timeout", "partial"}
 E2E_TARGETS = ["torch_vs_nonprivate", "torch_vs_opacus", "torch_memory", "jax_vs_nonprivate", "jax_vs_vmap"]
 ALL_TARGETS = set(E2E_TARGETS) | {"norm_pass", "clipped_wgrad", "noisy_update_bw"}
@@ -103,7 +104,7 @@ def test_dry_run_parts_each_have_a_status_and_reason(dry):
     assert "--framework jax" in parts["train-jax"]["reason"]  # the command it would run
     assert parts["e2e-r50"]["status"] == "skipped" and parts["e2e-r50"]["reason"] == "--skip"
     assert parts["install"]["status"] == "ok", parts["install"]
-    for name in ("train-torch", "kernels", "e2e-r18"):
+    for name in ("train-torch", "kernels", "e2e-r18", "profile"):
         assert parts[name]["status"] == "ok", parts[name]
         assert parts[name]["cmd"] and parts[name]["cap_s"] > 0 and not parts[name]["timed_out"]
     # the GPU tests were collected and skipped by tests/conftest.py, read back from the junit XML
@@ -150,6 +151,28 @@ def test_dry_run_e2e_has_a_row_per_method(dry):
         else:
             assert r["status"] == "skipped" and "dry run" in r["reason"], r
     assert by["dpprims-torch"]["ratio_vs_nonprivate"] > 0
+
+
+def test_dry_run_profile_per_method(dry):
+    """The profile part built both methods as e2e.py does and broke their step time into named
+    kernels (CPU ops on a dry run) whose per-class sums add up to the total."""
+    _, res, _ = dry
+    prof = res["profile"]
+    assert set(prof["methods"]) == set(gpu_check.DRY_E2E_METHODS)
+    for m, d in prof["methods"].items():
+        assert not d.get("error"), (m, d)
+        assert d["step_ms"] > 0 and d["top"]
+        assert abs(sum(d["by_category"].values()) - d["step_ms"]) < 1e-6 * max(1.0, d["step_ms"])
+    assert any(t["name"].startswith("dpprims::") for t in prof["methods"]["dpprims-torch"]["top"])
+
+
+def test_kernel_category_names():
+    assert gpu_check.kernel_category("_conv2d_norm_direct_kernel") == "dpprims-triton"
+    assert gpu_check.kernel_category("sm90_xmma_wgrad_implicit_gemm_bf16") == "cudnn/cublas"
+    assert gpu_check.kernel_category("aten::bmm") == "cudnn/cublas"
+    assert gpu_check.kernel_category("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>") \
+        == "elementwise/reduce"
+    assert gpu_check.kernel_category("void at::native::reduce_kernel<512, 1, sum_functor>") == "elementwise/reduce"
 
 
 def test_dry_run_targets_all_listed_not_measured(dry):
@@ -290,3 +313,41 @@ def test_readme_gpu_section_matches_bench_results():
     """The README's GPU table is exactly what bench/results gives (run bench/readme_table.py
     after copying a GPU run's files there)."""
     assert readme_table.main(["--check"]) == 0
+
+
+def test_gpu_mode_kernel_selection_matches_the_benchmark_ids(tmp_path):
+    """The GPU run's -k expression (full size, bf16) selects exactly the chosen layers' five
+    implementations and the update cases of bench/test_kernels.py (collected here, not run)."""
+    args, sel, mode = gpu_check.kernel_pytest_args(False, tmp_path)
+    assert mode == "bf16" and "--bench-size=full" in args
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    ids = re.findall(r"test_kernel\[(.*?)\]$", proc.stdout, flags=re.M)
+    assert ids, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for case in sel["cases"]:
+        mine = [i for i in ids if i.startswith(case["id_prefix"] + "-bf16-")]
+        assert len(mine) == 5, (case["id_prefix"], mine)
+    update = [i for i in ids if i.startswith("update-synthetic")]
+    assert len(update) == 4 * len(gpu_check.KERNEL_MODELS)
+    assert len(ids) == 5 * len(sel["cases"]) + len(update)
+    assert {c["model"] for c in sel["cases"]} == set(gpu_check.KERNEL_MODELS)
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+@pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry"])
+def test_train_commands_parse_with_the_cli(fw, dry, tmp_path):
+    """The CLI runs' arguments (GPU and dry run) are accepted by `dpprims train`'s parser."""
+    from dpprims.cli import _parser
+
+    argv = gpu_check.train_args(fw, dry, tmp_path / "log.jsonl")
+    a = _parser().parse_args(argv)
+    assert a.command == "train" and a.framework == fw and a.json
+    if not dry:
+        assert (a.model, a.precision) == ("resnet18-cifar", "bf16")
+        assert a.data.startswith("synthetic:3,32,32:") and a.physical_batch_size == 256
+        if fw == "torch":
+            assert a.device == "cuda"
+
+
+def test_ceilings_snippet_compiles():
+    compile(gpu_check._CEILINGS_SRC, "gpu_check ceilings", "exec")
