@@ -3,6 +3,7 @@
     python bench/e2e.py --out bench/results                     # GPU: the full matrix
     python bench/e2e.py --smoke --out /tmp/e2e                  # CPU: tiny, proves the harness
     python bench/e2e.py --configs r18-32-b256 --precisions bf16 --out bench/results
+    python bench/e2e.py --device cpu --out bench/results       # CPU: 2-core-sized configs (CPU_CONFIGS)
 
 Configs: ResNet-18-GN (CIFAR stem) at 32x32 with physical batch 256 and 1024, ResNet-50-GN at
 224x224 with batch 64 (dpprims.models / dpprims.models.jax_resnet: the same networks in torch
@@ -30,6 +31,15 @@ Each run: warm-up steps (compilation included), then the median (and 10/90% quan
 max_memory_allocated over the timed steps; JAX's peak_bytes_in_use (XLA_PYTHON_CLIENT_PREALLOCATE
 is set to false). The largest physical batch per method (doubling from the largest configured
 batch of each model until OOM, a cap, or --max-batch-time) is searched in the same process.
+
+--device cpu (the default without a GPU unless --smoke) runs CPU_CONFIGS in fp32: ResNet-18-GN
+(CIFAR stem, width 64, B = 32), the default `dpprims train` job's MLP 784-256-10 (B = 256) and the
+small transformer (torch methods only: it has no Flax twin), with median and quantiles of --steps
+(default 5) after --warmup (default 2) steps; dpprims' rows then run the plain-torch / jnp paths
+and their step includes dpprims' own certified-tails noise and fused update, whose share of the
+step is measured separately (``noise_update_ms``). It writes <out>/cpu-<date>.json and
+<out>/cpu-<date>.md (machine line with the CPU model, exact command, table, ratios, issue-12
+targets).
 
 Writes <out>/<gpu>-<date>-e2e.json (machine line, command, settings, rows, targets, markdown) and
 a PNG beside it, and prints the markdown table (including the rows where dpprims loses).
@@ -64,6 +74,12 @@ SMOKE_CONFIGS = {
                         layers=[1, 1, 1, 1], search=True),
     "r50-224-b64": dict(model="resnet50", cifar=False, image=32, batch=2, num_classes=10, width=4, num_groups=2,
                         layers=[1, 1, 1, 1]),
+}
+# CPU (--device cpu): sized for a 2-core machine (issue 12); fp32 only
+CPU_CONFIGS = {
+    "r18-cifar-w64-b32": dict(model="resnet18", cifar=True, image=32, batch=32, num_classes=10, width=64),
+    "mlp-784-256-b256": dict(model="mlp", in_features=784, hidden=[256], image=None, batch=256, num_classes=10),
+    "transformer-28-b64": dict(model="transformer", image=28, channels=1, batch=64, num_classes=10),
 }
 # smoke on CPU: XLA's LLVM optimisation off (compile time dominates a 2-step CPU run)
 SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -101,6 +117,15 @@ def _torch_setup(spec):
 
 def _torch_model(spec, dev):
     ensure_dpprims()
+    if spec["model"] == "mlp":
+        from dpprims.models import mlp
+
+        return mlp(spec["in_features"], hidden=tuple(spec["hidden"]), num_classes=spec["num_classes"]).to(dev)
+    if spec["model"] == "transformer":
+        from dpprims.models import small_transformer
+
+        return small_transformer(spec["num_classes"], in_channels=spec["channels"],
+                                 input_size=spec["image"]).to(dev)
     kw = {k: spec[k] for k in ("width", "num_groups") if k in spec}
     if spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
         from dpprims.models.torch_resnet import BasicBlock, Bottleneck, ResNet
@@ -117,7 +142,11 @@ def _torch_data(spec, dev, batch):
     import torch
 
     g = torch.Generator(device=dev).manual_seed(batch)
-    x = torch.randn(batch, 3, spec["image"], spec["image"], device=dev, generator=g)
+    if spec["model"] == "mlp":
+        shape = (batch, spec["in_features"])
+    else:
+        shape = (batch, spec.get("channels", 3), spec["image"], spec["image"])
+    x = torch.randn(*shape, device=dev, generator=g)
     y = torch.randint(0, spec["num_classes"], (batch,), device=dev, generator=g)
     return x, y
 
@@ -236,6 +265,16 @@ def torch_method(spec):
             return step
 
         def after():
+            # the noise + fused update alone (the grads of the last timed step are in place):
+            # its share of the step is the cost of drawing noise for every parameter
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                noisy_step(B0)
+                _sync_torch(dev)
+                times.append((time.perf_counter() - t0) * 1e3)
+            notes["noise_update_ms"] = quantile(times, 0.5)
+            notes["num_params"] = sum(p.numel() for p in params)
             notes["backends"] = dict(engine.last_stats.get("backends", {}))
             try:
                 notes["plan"] = [{k: r.get(k) for k in ("layer", "kind", "T", "d", "p", "method")} for r in engine.plan()]
@@ -261,14 +300,19 @@ def jax_method(spec):
     if prec != "bf16":  # fp32: true fp32 dots and convs (as torch with TF32 off); tf32: TF32
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if prec == "tf32" else "highest")
     kw = {k: spec[k] for k in ("width", "num_groups") if k in spec}
-    if spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
+    if spec["model"] == "transformer":
+        raise _Skip("the small transformer has no Flax twin in dpprims.models")
+    if spec["model"] == "mlp":
+        model = jax_resnet.mlp(hidden=tuple(spec["hidden"]), num_classes=spec["num_classes"])
+    elif spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
         block = jax_resnet.BasicBlock if spec["model"] == "resnet18" else jax_resnet.Bottleneck
         model = jax_resnet.ResNet(block, tuple(spec["layers"]), spec["num_classes"], spec["cifar"], **kw)
     else:
         name = spec["model"] + ("-cifar" if spec["cifar"] else "")
         model = jax_resnet.get_jax_model(name, num_classes=spec["num_classes"], **kw)
     S = spec["image"]
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 3), jnp.float32))["params"]
+    xshape = (spec["in_features"],) if spec["model"] == "mlp" else (S, S, 3)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + xshape, jnp.float32))["params"]
     cdt = jnp.bfloat16 if prec == "bf16" else jnp.float32
 
     def cast(p):
@@ -329,9 +373,10 @@ def jax_method(spec):
             loss_fn = base
 
         def grads_fn(p, x, y, key):
+            """The clipped sums only: dpprims' own noise is added by noisy_update below."""
             batch = (x.astype(cdt), y)
             grads, _ = dpj.clipped_grad(loss_fn, p, batch, max_grad_norm=CLIP_NORM, precision=dprec)
-            return add_noise(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads), key, x.shape[0])
+            return jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
 
         notes["path"] = str(dpj.which_path()) if hasattr(dpj, "which_path") else None
     else:
@@ -343,14 +388,35 @@ def jax_method(spec):
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s, key
 
+    key0 = jax.random.PRNGKey(1)
+    if method == "dpprims-jax":
+        # as dpprims' trainer runs it: the clipped sums, then dpprims' certified-tails noise and
+        # the fused SGD-momentum update (bindings/jax/update.noisy_update); the "key" slot of
+        # the state carries the 1-based step, which is also the noise stream
+        from dpprims.bindings.jax.update import init_opt_state, noisy_update
+
+        opt_state = init_opt_state(params, "sgd", momentum=MOMENTUM)
+        notes["update"] = "dpprims.bindings.jax.update.noisy_update (certified-tails noise + fused SGD momentum)"
+
+        def dp_update(p, sums, s, step, batch):
+            return noisy_update(p, sums, s, noise_std=std, normaliser=float(batch), seed=1234, step=step,
+                                optimizer="sgd", lr=LR, momentum=MOMENTUM)
+
+        def train_step(p, s, step, x, y):  # noqa: F811 - dpprims' own step
+            step = step + 1
+            p, s = dp_update(p, grads_fn(p, x, y, None), s, step, x.shape[0])
+            return p, s, step
+
+        key0 = jnp.zeros((1,), jnp.int32)
+
     # params, optimizer state and key are donated: updated in place, as torch does
     jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    state = {"p": params, "s": opt_state, "key": jax.random.PRNGKey(1)}
+    state = {"p": params, "s": opt_state, "key": key0}
     notes["xla_memory"] = {}
 
     def make_step(batch):
         kx, ky = jax.random.split(jax.random.PRNGKey(batch))
-        x = jax.random.normal(kx, (batch, S, S, 3), jnp.float32)
+        x = jax.random.normal(kx, (batch,) + xshape, jnp.float32)
         y = jax.random.randint(ky, (batch,), 0, spec["num_classes"])
         # ahead-of-time compile: one compilation, and XLA's own account of the step's memory
         compiled = jitted.lower(state["p"], state["s"], state["key"], x, y).compile()
@@ -365,6 +431,18 @@ def jax_method(spec):
 
     def after():
         if method == "dpprims-jax":
+            # the noise + fused update alone, on zero sums (its share of the step)
+            upd = jax.jit(lambda p, sums, s, st: dp_update(p, sums, s, st, spec["batch"]))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state["p"])
+            st = jnp.full((1,), 10 ** 6, jnp.int32)
+            jax.block_until_ready(upd(state["p"], zeros, state["s"], st))
+            times = []
+            for i in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(upd(state["p"], zeros, state["s"], st + i + 1))
+                times.append((time.perf_counter() - t0) * 1e3)
+            notes["noise_update_ms"] = quantile(times, 0.5)
+            notes["num_params"] = sum(int(l.size) for l in jax.tree_util.tree_leaves(state["p"]))
             try:
                 from dpprims.bindings.jax import LAST_PATH
 
@@ -678,6 +756,142 @@ def evaluate_targets(rows: list[dict], *, smoke: bool) -> list[dict]:
     return out
 
 
+# ============================================================================================
+# CPU results (issue 12)
+# ============================================================================================
+CPU_TARGETS = [
+    # (config, method, baseline, minimum ratio of examples/s)
+    ("r18-cifar-w64-b32", "dpprims-torch", "torch-nonprivate", 0.5),
+    ("r18-cifar-w64-b32", "dpprims-torch", "opacus-hooks", 1.7),
+    ("r18-cifar-w64-b32", "dpprims-jax", "jax-nonprivate", 0.6),
+    ("r18-cifar-w64-b32", "dpprims-jax", "jax-vmap", 2.0),
+    ("mlp-784-256-b256", "dpprims-torch", "torch-nonprivate", 0.6),
+    ("mlp-784-256-b256", "dpprims-jax", "jax-nonprivate", 0.6),
+]
+_NONPRIVATE = {"torch": "torch-nonprivate", "jax": "jax-nonprivate"}
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_ratios(rows: list[dict]) -> None:
+    """Adds ratio_vs_nonprivate (examples/s over the same framework's non-private row of the
+    same config) and speedup_vs_<baseline> for the DP rows, in place."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["config"], {})[r["method"]] = r
+    for cfg, ms in by.items():
+        for r in ms.values():
+            eps = r.get("examples_per_s")
+            if not eps or r["method"] in _NONPRIVATE.values():
+                continue
+            base = ms.get(_NONPRIVATE[r.get("framework", "torch")])
+            if base and base.get("examples_per_s") and base is not r:
+                r["ratio_vs_nonprivate"] = eps / base["examples_per_s"]
+            for other in ("opacus-hooks", "opacus-ghost", "jax-vmap"):
+                o = ms.get(other)
+                if (o and o is not r and o.get("examples_per_s") and o.get("framework") == r.get("framework")
+                        and r["method"].startswith("dpprims")):
+                    r[f"speedup_vs_{other}"] = eps / o["examples_per_s"]
+            nu = (r.get("notes") or {}).get("noise_update_ms")
+            if nu is not None and r.get("step_ms_median"):
+                r["noise_update_share"] = nu / r["step_ms_median"]
+
+
+def cpu_targets(rows: list[dict]) -> list[dict]:
+    idx = {(r["config"], r["method"]): r for r in rows}
+    out = []
+    for cfg, method, base, need in CPU_TARGETS:
+        r, b = idx.get((cfg, method)), idx.get((cfg, base))
+        t = dict(config=cfg, method=method, baseline=base, need=need)
+        if not r or not b or not r.get("examples_per_s") or not b.get("examples_per_s"):
+            why = [f"{m}: {x.get('status') if x else 'not run'}" for m, x in ((method, r), (base, b))
+                   if not x or not x.get("examples_per_s")]
+            t.update(status="not measured", reason="; ".join(why))
+        else:
+            v = r["examples_per_s"] / b["examples_per_s"]
+            t.update(value=v, status="met" if v >= need else "missed")
+        out.append(t)
+    return out
+
+
+def cpu_markdown(res: dict) -> str:
+    lines = [f"CPU end-to-end DP-SGD step, fp32, median of {res['settings']['steps']} steps after "
+             f"{res['settings']['warmup']} warm-up steps, each method in its own process, one run.",
+             "", f"Machine: {res['machine_line']}", "", f"Command: `{res['machine']['command']}`", ""]
+    by = {}
+    for r in res["rows"]:
+        by.setdefault(r["config"], []).append(r)
+    for cfg, rows in by.items():
+        c = res["settings"]["configs"][cfg]
+        lines += [f"### {cfg} ({c['model']}, batch {c['batch']})", "",
+                  "| method | step ms (median, p10-p90) | examples/s | vs non-private | vs Opacus hooks / vmap "
+                  "| noise + update ms (share of step) |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['method']} | {r.get('status')}: {str(r.get('reason', ''))[:90]} | | | | |")
+                continue
+            vs = r.get("speedup_vs_opacus-hooks", r.get("speedup_vs_jax-vmap"))
+            nu = (r.get("notes") or {}).get("noise_update_ms")
+            lines.append(
+                f"| {r['method']} | {r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f}) "
+                f"| {r['examples_per_s']:.1f} | "
+                + (f"{r['ratio_vs_nonprivate']:.2f}x" if r.get("ratio_vs_nonprivate") else "-") + " | "
+                + (f"{vs:.2f}x" if vs else "-") + " | "
+                + (f"{nu:.1f} ({100 * r['noise_update_share']:.0f}%)" if nu is not None else "-") + " |")
+        lines.append("")
+    lines += ["Targets (issue 12, ratios of examples/s from this run):", "",
+              "| config | method | vs | need | measured | status |", "|---|---|---|---|---|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['config']} | {t['method']} | {t['baseline']} | >= {t['need']}x | "
+                     + (f"{t['value']:.2f}x" if "value" in t else "-") + f" | {t['status']}"
+                     + (f" ({t['reason']})" if t.get("reason") else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _finish_cpu(args, info, rows, settings, t_run) -> int:
+    """Writes <out>/cpu-<date>.json and .md (the CPU benchmark) and prints the table."""
+    cpu = _cpu_model()
+    if cpu:
+        info["cpu_model"] = cpu
+        info["machine_line"] = info["machine_line"].replace(
+            f"CPU only ({info.get('cpu')}, ", f"CPU only ({cpu}, ", 1)
+    try:
+        import jax
+
+        info["jax_backend"] = jax.default_backend()
+    except Exception:  # noqa: BLE001
+        pass
+    cpu_ratios(rows)
+    settings.update(clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER, lr=LR, momentum=MOMENTUM,
+                    optimizer="SGD momentum", wall_s=time.perf_counter() - t_run,
+                    dpprims_step="DPEngine.backward / dpprims.jax.clipped_grad + dpprims' certified-tails noise and "
+                                 "fused SGD update (add_noise_and_step / noisy_update), as the trainer runs it")
+    res = dict(kind="e2e-cpu", machine_line=info["machine_line"], machine=info, settings=settings, rows=rows,
+               targets=cpu_targets(rows))
+    res["markdown"] = cpu_markdown(res)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    day = info["date"][:10]
+    path, n = out / f"cpu-{day}.json", 2
+    while path.exists():
+        path, n = out / f"cpu-{day}-{n}.json", n + 1
+    write_json(path, res)
+    path.with_suffix(".md").write_text(res["markdown"])
+    print()
+    print(res["markdown"])
+    print(f"results: {path}\nmarkdown: {path.with_suffix('.md')}\nwall time: {time.perf_counter() - t_run:.1f} s")
+    return 0
+
+
 def _split(v, allowed, name):
     vals = [s.strip() for s in v.split(",") if s.strip()]
     bad = [s for s in vals if s not in allowed]
@@ -707,6 +921,11 @@ def main(argv=None) -> int:
                     help="process: a fresh interpreter per method (default); fork: fork a pre-loaded parent "
                          "(default with --smoke on CPU: saves the imports)")
     ap.add_argument("--tag", default="e2e", help="file name tag: <gpu>-<date>-<tag>.json")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="auto: cuda when a GPU is present, else cpu. cpu (without --smoke) runs CPU_CONFIGS "
+                         "in fp32 and writes <out>/cpu-<date>.json and .md")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per worker for torch (default: all cores; smoke: 1)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -717,23 +936,27 @@ def main(argv=None) -> int:
 
     t_run = time.perf_counter()
     smoke = args.smoke
-    table = SMOKE_CONFIGS if smoke else CONFIGS
-    configs = _split(args.configs, table, "--configs") if args.configs else list(table)
-    precisions = _split(args.precisions, PRECISIONS, "--precisions") if args.precisions else (
-        ["fp32"] if smoke else ["bf16", "fp32"])
-    methods = _split(args.methods, METHODS, "--methods")
-    steps = args.steps or (2 if smoke else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
-    search_time = args.max_batch_time or (30.0 if smoke else 120.0)
-    timeout = args.worker_timeout or (300.0 if smoke else 900.0)
 
     import torch  # the parent needs torch only for the device name
 
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not smoke and not cuda:
-        print("note: no CUDA GPU here: the full-size run on CPU is slow and says nothing about GPU speed "
-              "(use --smoke to check the harness)", file=sys.stderr)
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    device = args.device if args.device != "auto" else ("cuda" if cuda else "cpu")
+    cuda = device == "cuda"
+    cpu_full = device == "cpu" and not smoke  # the CPU benchmark (issue 12)
+    table = SMOKE_CONFIGS if smoke else (CPU_CONFIGS if cpu_full else CONFIGS)
+    configs = _split(args.configs, table, "--configs") if args.configs else list(table)
+    precisions = _split(args.precisions, PRECISIONS, "--precisions") if args.precisions else (
+        ["fp32"] if smoke or cpu_full else ["bf16", "fp32"])
+    methods = _split(args.methods, METHODS, "--methods")
+    steps = args.steps or (2 if smoke else 5 if cpu_full else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 2 if cpu_full else 3)
+    search_time = args.max_batch_time or (30.0 if smoke else 120.0)
+    timeout = args.worker_timeout or (300.0 if smoke else 900.0)
+    if cpu_full:
+        print("note: CPU run (no GPU used): dpprims runs its plain-torch / jnp paths; the numbers say "
+              "nothing about GPU speed", file=sys.stderr)
     isolation = args.isolation or ("fork" if smoke and not cuda and hasattr(os, "fork") else "process")
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -767,7 +990,9 @@ def main(argv=None) -> int:
                 spec["search_cap"] = args.max_batch_cap or (2 * base["batch"] if smoke else 65536)
                 spec["search_time"] = search_time
                 if smoke and not cuda:
-                    spec["cpu_threads"] = 1
+                    spec["cpu_threads"] = args.threads or 1
+                elif not cuda:
+                    spec["cpu_threads"] = args.threads or os.cpu_count() or 1
                 elapsed = time.perf_counter() - t_run
                 if args.time_budget is not None and elapsed > args.time_budget:
                     row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
@@ -782,6 +1007,10 @@ def main(argv=None) -> int:
                       + (f"  ({row.get('process_s', 0):.1f} s)" if row.get("process_s") else ""), flush=True)
 
     info = machine_info(query_device=True)
+    if cpu_full:
+        return _finish_cpu(args, info, rows, dict(configs={c: table[c] for c in configs}, precisions=precisions,
+                                                  methods=methods, steps=steps, warmup=warmup, isolation=isolation,
+                                                  device=device, threads=args.threads or os.cpu_count()), t_run)
     targets = evaluate_targets(rows, smoke=smoke)
     settings = dict(smoke=smoke, configs={c: table[c] for c in configs}, precisions=precisions, methods=methods,
                     steps=steps, warmup=warmup, isolation=isolation, device=device, interpret=bool(args.interpret),

@@ -201,6 +201,7 @@ def jnp_conv_weight_sq_norms(x, G, geo: Conv2dGeometry, pads, method: str, preci
     per_example = geo.T * (geo.C_in * geo.KH * geo.KW + geo.C_out) + geo.groups * (
         geo.P * geo.D if method == "direct" else 2 * geo.T * geo.T)
     chunk = max(1, min(B, _CHUNK_ELEMS // max(1, per_example)))
+    chunk = -(-B // -(-B // chunk))  # equal chunks: the padded tail wastes < one example per chunk
 
     def norms(xg):
         xc, gc = xg
