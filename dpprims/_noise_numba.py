@@ -56,26 +56,38 @@ def _check_scratch(m, a, b, c):
         raise ValueError("dpprims.noise_cpu: chunk longer than its scratch buffers")
 
 
-@jit
-def prep(c0_start, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
-    """Pairs with counter words (c0_start + j, c1, c2, c3), j < m (no carry: c0_start + m <=
-    2^32): v, theta, k 32 ln 2 with x0 = 0; returns the number of pairs with w0 == w1 == 0
-    (where x0 matters). Tests only: pairs with (c0 & fmask) == fval get w0 = w1 = 0 (fmask = 0,
-    fval = 1 in normal use: never), to reach the extension path."""
+@inline
+def _prep(c0_start, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval, forcing):
     _check_scratch(m, v, th, kl)
-    cnt = 0
+    smallest = u32(0xFFFFFFFF)  # min of (w0 | w1): a u32 min-reduction keeps the loop in 32-bit lanes
     for j in range(m):
         c0 = u32(c0_start + u32(j))
         w0, w1, w2, w3 = philox(c0, c1, c2, c3, k0, k1)
-        forced = (c0 & fmask) == fval
-        w0 = Z32 if forced else w0
-        w1 = Z32 if forced else w1
+        if forcing:  # a compile-time constant after inlining: absent from prep's loop
+            forced = (c0 & fmask) == fval
+            w0 = Z32 if forced else w0
+            w1 = Z32 if forced else w1
         a, b, c = select(w0, w1, w2, w3, Z32)
         v[j] = a
         th[j] = b
         kl[j] = c
-        cnt += (w0 | w1) == Z32
-    return cnt
+        smallest = min(smallest, u32(w0 | w1))
+    return smallest == Z32
+
+
+@jit
+def prep(c0_start, c1, m, k0, k1, c2, c3, v, th, kl):
+    """Pairs with counter words (c0_start + j, c1, c2, c3), j < m (no carry: c0_start + m <=
+    2^32): v, theta, k 32 ln 2 with x0 = 0; returns whether some pair has w0 == w1 == 0 (where
+    x0 matters: then fix_extension)."""
+    return _prep(c0_start, c1, m, k0, k1, c2, c3, v, th, kl, Z32, u32(1), False)
+
+
+@jit
+def prep_forced(c0_start, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
+    """Tests only: prep with w0 = w1 = 0 forced where (c0 & fmask) == fval, to reach the extension
+    path (a separate function: the check costs ~80% in prep's vectorised loop)."""
+    return _prep(c0_start, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval, True)
 
 
 @jit
@@ -103,15 +115,25 @@ def finish(kl, logv, cos_t, sin_t, m, out, o0, n):
     _check_scratch(m, kl, logv, cos_t)
     if m > sin_t.shape[0] or n > out.shape[0] or o0 < 0 or o0 + 2 * m - 1 > n:
         raise ValueError("dpprims.noise_cpu: output range out of bounds")
-    for j in range(m):
-        t = kl[j] - logv[j]
-        t = t + t
-        t = t if not (t < ZERO) else ZERO  # tl.maximum(t, 0) (a NaN would stay NaN)
-        rho = np.sqrt(t)
+    full = min(m, (n - o0) // 2)  # pairs whose both elements are kept: a branch-free loop
+    for j in range(full):
+        rho = _rho(kl[j], logv[j])
+        out[o0 + 2 * j] = rho * cos_t[j]
+        out[o0 + 2 * j + 1] = rho * sin_t[j]
+    for j in range(full, m):  # at most one pair: its z1 is dropped when n is odd
+        rho = _rho(kl[j], logv[j])
         e = o0 + 2 * j
         out[e] = rho * cos_t[j]
         if e + 1 < n:
             out[e + 1] = rho * sin_t[j]
+
+
+@inline
+def _rho(kl, logv):
+    t = kl - logv
+    t = t + t
+    t = t if not (t < ZERO) else ZERO  # tl.maximum(t, 0) (a NaN would stay NaN)
+    return np.sqrt(t)
 
 
 @jit
@@ -173,3 +195,17 @@ def adam_update(z, grad, param, exp_avg, exp_avg_sq, gout, std, norm, omb1, b2, 
         exp_avg_sq[i] = vv
         denom = np.sqrt(vv) / bc2_sqrt + eps
         param[i] = p - (step_size * mm) / denom
+
+
+@jit
+def scale_into(z, x, out, std, norm, has_x):
+    """kernels/noise.py::_gaussian_noise_kernel's epilogue on one chunk: out = (x + std z) / norm
+    (has_x) or std z / norm, fp32, in the kernel's order."""
+    m = z.shape[0]
+    if out.shape[0] != m or (has_x and x.shape[0] != m):
+        raise ValueError("dpprims.noise_cpu: noise chunk shapes differ")
+    for i in range(m):
+        g = std * z[i]
+        if has_x:
+            g = x[i] + g
+        out[i] = g / norm

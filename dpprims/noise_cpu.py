@@ -37,7 +37,7 @@ from dpprims import noise as _nz
 
 log = logging.getLogger("dpprims")
 
-__all__ = ["available", "gaussian_noise", "noisy_update", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
+__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
 
@@ -76,8 +76,8 @@ def _compiled():
 def _build():
     from . import _noise_numba as k
 
-    return dict(prep=k.prep, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all,
-                sgd_update=k.sgd_update, adam_update=k.adam_update)
+    return dict(prep=k.prep, prep_forced=k.prep_forced, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all,
+                sgd_update=k.sgd_update, adam_update=k.adam_update, scale_into=k.scale_into)
 
 
 def _key(k0: int, k1: int):
@@ -103,6 +103,7 @@ def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset
         return
     k0, k1 = _key(k0, k1)
     c2, c3 = np.uint32(int(step) & _M32), np.uint32(stream_word)
+    forcing = _FORCE_EXTENSION is not None
     fmask, fval = (np.uint32(x) for x in (_FORCE_EXTENSION or (0, 1)))
     ch = min(CHUNK_PAIRS, n_pairs)
     scratch = tuple(np.empty(ch, np.float32) for _ in range(6))  # v, theta, k 32 ln 2, log v, cos, sin
@@ -113,7 +114,11 @@ def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset
         m = min(ch, n_pairs - start, (1 << 32) - (p0 & _M32))  # a chunk never carries into c1
         c0, c1 = np.uint32(p0 & _M32), np.uint32(p0 >> 32)
         v, th, kl, lv, ct, st = scratch if m == ch else tuple(a[:m] for a in scratch)  # kernels use [0, m)
-        if f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval):
+        if forcing:
+            need = f["prep_forced"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
+        else:
+            need = f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl)
+        if need:
             f["fix_extension"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
         np.log(v, out=lv)
         np.cos(th, out=ct)
@@ -143,6 +148,25 @@ def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_o
     for _ in _z_chunks(n, k0, k1, step, stream_word, pair_offset, out.reshape(-1)):
         pass
     return out
+
+
+def scaled_noise(out, x, *, std: float, normaliser: float, k0: int, k1: int, step: int, stream_word: int,
+                 pair_offset: int) -> None:
+    """out = (x + std z) / normaliser (x given) or std z / normaliser, fp32 as
+    ``_gaussian_noise_kernel`` computes it (bit for bit), on flat contiguous float32 numpy arrays
+    (out may be x), chunk by chunk: z never leaves the cache."""
+    f = _compiled()
+    n = out.size
+    stream_word, pair_offset = int(stream_word), int(pair_offset)
+    _check_stream(n, pair_offset, stream_word)
+    for a in (out, x):
+        if a is not None and (a.dtype != np.float32 or a.size != n or not a.flags.c_contiguous):
+            raise ValueError(f"scaled_noise needs contiguous float32 arrays of {n} elements, got {a.dtype}[{a.size}]")
+    o = out.reshape(-1)
+    xf = o[:0] if x is None else x.reshape(-1)
+    std, norm = np.float32(std), np.float32(normaliser)
+    for e0, e1, z in _z_chunks(n, k0, k1, step, stream_word, pair_offset):
+        f["scale_into"](z, xf[e0:e1], o[e0:e1], std, norm, x is not None)
 
 
 def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, adam_scalars, nesterov: bool,

@@ -149,9 +149,15 @@ def test_cpu_generator_equals_plain_torch_and_kernel(n, pair_offset, step, rank,
     bit for bit)."""
     kw = dict(std=1.0, seed=SEED, step=step, pair_offset=pair_offset, rank=rank)
     z = _torch_noise(n, **kw)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    scaled = dict(kw, std=0.7, normaliser=3.0)
+    with plain_torch_path():
+        y = N.add_gaussian_noise_(x.clone(), **scaled)  # the fused epilogue (x + std z) / normaliser
     with _eager_torch(monkeypatch):
         ref = N.gaussian_noise(n, device="cpu", **kw)
+        y_ref = N.add_gaussian_noise_(x.clone(), **scaled)
     assert torch.equal(z, ref), (z - ref).abs().max()
+    assert torch.equal(y, y_ref), (y - y_ref).abs().max()
     if n < 100:
         z_kernel = N.gaussian_noise(n, device=device, **kw).cpu()
         if device == "cpu":

@@ -167,6 +167,15 @@ def _launch_noise(x: Tensor, seed: Tensor, step: Tensor, scal: Tensor, pair_offs
     backend = record("gaussian_noise", x)
     if n == 0:
         return
+    if backend == "torch" and _ncpu.available() and x.device.type == "cpu" and out.dtype == torch.float32 and (
+            not add_x or x.dtype == torch.float32):
+        # one pass per noise chunk (dpprims.noise_cpu): the kernel's numbers and epilogue, in place
+        k0, k1 = _seed_ints(seed)
+        std, normaliser = scal.tolist()[:2]
+        _ncpu.scaled_noise(out.detach().numpy(), x.detach().numpy() if add_x else None, std=std,
+                           normaliser=normaliser, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & _M32,
+                           stream_word=_nz.stream_word(rank), pair_offset=pair_offset)
+        return
     if backend == "torch":
         z = gaussian_noise_torch(n, seed, step, pair_offset, rank).reshape(x.shape)
         g = scal[0] * z
