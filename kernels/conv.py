@@ -415,7 +415,7 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     warps on sm_80 (as Linear)."""
     wide = arch >= 90
     bp = block(geo.P, 128, 128)
-    bd = block(geo.D, 128 if wide else 64, 128)
+    bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = segment_block_k(geo.T, 16 if itemsize >= 4 else 32)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
     split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)))
@@ -423,7 +423,8 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     split = max(1, cdiv(geo.B, examples_per_split))
     # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
     # registers (spills, measured on sm_90).
-    warps = 8 if (wide and bp * bd >= 64 * 128 and not interpreting()) else 4
+    big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
+    warps = 8 if (big and not interpreting()) else 4
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
                       num_warps=warps,

@@ -427,7 +427,8 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
     with 8 warps on sm_90 (two wgmma warpgroups), 128 x 64 with 4 warps on sm_80. ``itemsize``:
     operand bytes (2 for bf16/fp16, 4 for fp32). BLOCK_K is capped (compiled and counted with
     cuobjdump: no spills): 64 for half operands on sm_90, 32 on sm_80, 16 for fp32 operands,
-    whose 64-row tiles spilled (~200 spill stores) at 255 registers."""
+    whose 64-row tiles spilled (~200 spill stores) at 255 registers; fp32 also takes
+    BLOCK_D = 64 (its 128 x 128 conv build spilled)."""
     if T == 1:
         bp = block(P, 128, 128)
         bd = block(D, 128, 128)
@@ -443,13 +444,14 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
                                    "kernel": "_linear_clipped_weight_grad_rank1_kernel"})
     wide = arch >= 90
     bp = block(P, 128, 128)
-    bd = block(D, 128 if wide else 64, 128)
+    bd = block(D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = segment_block_k(T, 16 if itemsize >= 4 else (64 if wide else 32))
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
     split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)))
     examples_per_split = cdiv(B, split)
     split = max(1, cdiv(B, examples_per_split))
-    warps = 8 if (wide and bp * bd >= 128 * 128 and not interpreting()) else 4
+    big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
+    warps = 8 if (big and not interpreting()) else 4
     return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
                       constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk), num_warps=warps,
                       outputs={"partials": (split, P, D), "examples_per_split": examples_per_split,
