@@ -122,6 +122,7 @@ def _requested() -> str:
     return _check_path(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
+@functools.lru_cache(maxsize=None)
 def _jax_triton_available() -> bool:
     try:
         import jax_triton  # noqa: F401
