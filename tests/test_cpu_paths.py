@@ -168,3 +168,38 @@ def test_plan_on_plain_torch_follows_the_cpu_model():
         assert r["method"] == expect
     assert plan["0"]["method"] == "instantiate" and plan["4"]["method"] == "ghost"
     assert plan["6"]["method"] == "outer"
+
+
+class SeqModel(nn.Module):
+    """Linear layers on sequences (T = 7 positions) and a LayerNorm: the transformer's layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.norm = nn.LayerNorm(12)
+        self.mix = nn.Linear(12, 9)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = self.mix(torch.tanh(self.norm(self.inp(x))))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("norm_method", ["ghost", "direct", "instantiate", "auto"])
+def test_engine_cpu_linear_methods_on_sequences(norm_method):
+    torch.manual_seed(4)
+    model = SeqModel()
+    x, y = torch.randn(6, 7, 5), torch.randint(0, 3, (6,))
+    norms_ref, sums_ref = micro_batch_oracle(model, x, y, 0.3)
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=0.3, norm_method=norm_method)
+        norms = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert (norms_ref > 0.3).any()
+    assert _rel(norms, norms_ref) <= RTOL
+    _check_grads(model, sums_ref)
+    plan = {r["layer"]: r for r in engine.plan()}
+    for name in ("inp", "mix"):
+        assert plan[name]["T"] == 7
+        assert plan[name]["method"] == (norm_method if norm_method != "auto" else
+                                        min(plan[name]["cpu_ms"], key=plan[name]["cpu_ms"].get))
+    assert plan["head"]["method"] == "outer"
