@@ -17,7 +17,7 @@ from jax import lax
 
 from dpprims.kernels import linear as _k
 
-from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable, strides
+from ._call import KernelCall, acc_dtype, compute_capability, dispatch, f32, launch, nondifferentiable, strides
 from ._call import _is_interpreted as is_interpreted
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -234,7 +234,12 @@ def _clipped_weight_grad(A, G, c, *, precision):
 
 
 def arch() -> int:
-    """Compute capability (e.g. 90) of JAX's first GPU, for the launch specs; 90 without one."""
+    """Compute capability (e.g. 90) for the launch specs: ``use_compute_capability`` /
+    DPPRIMS_JAX_COMPUTE_CAPABILITY where set (the target jax-triton compiles for, e.g. when
+    exporting for cuda without a GPU), else JAX's first GPU's; 90 without one."""
+    cc = compute_capability()
+    if cc is not None:
+        return int(cc)
     try:
         cc = getattr(jax.devices()[0], "compute_capability", None)
         return int(round(float(cc) * 10)) if cc else 90
