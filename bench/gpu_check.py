@@ -458,6 +458,10 @@ class Check:
             status = "failed"
             reason = (f"{len(failed)} rows failed, first: {failed[0]['case']} {failed[0]['impl']}: {failed[0].get('reason')}"
                       if failed else f"pytest rc {job.rc}: {_tail_line(job.output(), 2)}")
+        elif bad:  # skipped (a missing package) or out of memory: the sums over the layers are incomplete
+            status = "partial"
+            reason = f"{len(bad)} rows not measured, first: {bad[0]['case']} {bad[0]['impl']}: {bad[0]['status']} " \
+                     f"({(bad[0].get('reason') or '')[:160]})"
         elif self.dry:
             status, reason = "ok", f"dry run: smoke shapes, fp32, interpreter, not timed ({self.res['dry_reason']})"
         else:
