@@ -51,12 +51,15 @@ _HALF_TURN = 8388608
 _K_LN2 = tuple(np.float32(k) * np.float32(22.18070977791825) for k in range(4))  # fp32 k * (32 ln 2)
 
 _FORCE_EXTENSION = None  # tests only: (mask, value): pairs with (c0 & mask) == value get w0 = w1 = 0
-_jit = None  # the compiled functions, built on first use (numba imports in ~1 s; compiles are cached)
+_jit = None  # the compiled functions: None (not loaded yet), False (no numba), or a dict
 
 
 def available() -> bool:
     """True when numba is importable (then the fast CPU generator runs). ``DPPRIMS_NOISE_CPU=0``
-    switches it off (the framework paths then run: the same numbers, slower)."""
+    switches it off (the framework paths then run: the same numbers, slower). The first call loads
+    numba and the compiled functions (from numba's on-disk cache after the first run): about 1-3 s
+    once per process on a 2-core machine. (Loading in a background thread while the first steps
+    take the framework path was tried: numba's load holds the GIL and starved those steps.)"""
     if os.environ.get("DPPRIMS_NOISE_CPU", "1").strip() == "0":
         return False
     return _compiled() is not None
@@ -76,8 +79,9 @@ def _compiled():
 def _build():
     from . import _noise_numba as k
 
-    return dict(prep=k.prep, prep_forced=k.prep_forced, fix_extension=k.fix_extension, finish=k.finish, words=k.words, select_all=k.select_all,
-                sgd_update=k.sgd_update, adam_update=k.adam_update, scale_into=k.scale_into)
+    return dict(prep=k.prep, prep_forced=k.prep_forced, fix_extension=k.fix_extension, finish=k.finish,
+                words=k.words, select_all=k.select_all, sgd_update=k.sgd_update, adam_update=k.adam_update,
+                scale_into=k.scale_into)
 
 
 def _key(k0: int, k1: int):
