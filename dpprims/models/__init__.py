@@ -15,6 +15,9 @@ access, from the torch submodules.
   ``choose_num_groups``, ``group_norm``.
 * :mod:`.jax_resnet` (JAX/Flax twins, NHWC): ``get_jax_model(name, ...)``; the constructors
   stay under ``dpprims.models.jax_resnet`` because their names match the torch ones.
+* :mod:`.jax_transformer`: the Flax twin of the small transformer (``small_transformer``,
+  ``SmallTransformer``, ``SelfAttention`` from dpprims.jax.Dense), same module names as the torch
+  one, so ``torch_to_flax`` moves its weights.
 * :mod:`.convert_jax`: ``torch_to_flax``, ``flax_to_torch``, ``load_flax_into_torch`` (one set
   of weights for both frameworks).
 """
@@ -52,7 +55,8 @@ _LAZY = {
     "flax_to_torch": "convert_jax",
     "load_flax_into_torch": "convert_jax",
 }
-_SUBMODULES = ("torch_resnet", "torch_small", "torch_transformer", "convert", "jax_resnet", "convert_jax")
+_SUBMODULES = ("torch_resnet", "torch_small", "torch_transformer", "convert", "jax_resnet", "jax_transformer",
+               "convert_jax")
 
 __all__ = sorted(_LAZY)
 
