@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="q*N, the Poisson logical batch's expected size")
     t.add_argument("--physical-batch-size", type=_POSITIVE_INT, default=d["physical_batch_size"],
                    help="fixed rows per forward/backward (memory); padding rows are masked")
-    t.add_argument("--max-batch-size", type=_POSITIVE_INT, default=None, help="cap on the logical batch (truncated Poisson)")
+    t.add_argument("--max-batch-size", type=_POSITIVE_INT, default=None,
+                   help="cap on the logical batch (truncated Poisson)")
     t.add_argument("--max-grad-norm", type=_POSITIVE, default=d["max_grad_norm"])
     t.add_argument("--clipping", choices=("flat", "automatic"), default=d["clipping"])
     t.add_argument("--lr", type=_POSITIVE, default=d["lr"])

@@ -36,7 +36,8 @@ def read_log(path) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{n}: not a JSON line ({e.msg}); expected a `dpprims train --log` file") from None
+                raise PlotError(f"{path}:{n}: not a JSON line ({e.msg}); expected a `dpprims train --log` "
+                                "file") from None
             if not isinstance(rec, dict):
                 raise PlotError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
             records.append(rec)

@@ -336,7 +336,8 @@ def _num_examples(data) -> int:
     if isinstance(data, torch.Tensor):
         data = (data,)
     if not isinstance(data, (tuple, list)) or not data:
-        raise TypeError(f"make_private: data must be a map-style Dataset or a tuple of tensors, got {type(data).__name__}")
+        raise TypeError("make_private: data must be a map-style Dataset or a tuple of tensors, got "
+                        f"{type(data).__name__}")
     lens = [len(t) for t in data]
     if len(set(lens)) != 1:
         raise ValueError(f"make_private: the data tensors have different lengths {lens}")
