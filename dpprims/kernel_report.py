@@ -245,6 +245,7 @@ def record_jax_launches(arch: int = 90):
     ``jax.eval_shape`` so that no array is materialised. Array arguments are recorded as
     torch meta tensors of the same shape/dtype (JAX buffers are dense row-major)."""
     import jax.numpy as jnp
+    import numpy as np
     import torch
 
     from dpprims.bindings.jax import _call
@@ -254,23 +255,28 @@ def record_jax_launches(arch: int = 90):
     orig = _call._launch_jax_triton
 
     def to_meta(v):
-        if _call._is_array(v):
+        if _call._is_array(v) and getattr(v, "shape", None) is not None and not (
+                isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0)):
             dt = _call._torch_dtype(v.dtype)
             return torch.empty(tuple(int(s) for s in v.shape), dtype=dt, device="meta")
+        if isinstance(v, (np.generic, np.ndarray)):  # numpy scalars: jax-triton passes Python values
+            return v.item()
         return v
 
     def fake_launch(arr, *_aliases, **_kw):
         args = [to_meta(v) for _, v in arr.args]
         outs = [torch.empty(tuple(s.shape), dtype=_call._torch_dtype(s.dtype), device="meta")
                 for s in arr.out_shapes]
-        kwargs = dict(arr.metaparams, num_warps=arr.num_warps)
+        kwargs = {k: to_meta(v) for k, v in arr.metaparams.items()}
+        kwargs["num_warps"] = arr.num_warps
         launches.append(Launch(arr.kernel, tuple(arr.grid), tuple(args + outs), kwargs, _current_layer(),
                                _caller_op(), "jax"))
         return [jnp.zeros(s.shape, s.dtype) for s in arr.out_shapes]
 
     _call._launch_jax_triton = fake_launch
+    cc = getattr(_call, "use_compute_capability", None)  # the binding's own "compile for" switch
     try:
-        with _call.use_path("jax-triton"), _gpu_specs(arch):
+        with _call.use_path("jax-triton"), _gpu_specs(arch), (cc(int(arch)) if cc else contextlib.nullcontext()):
             yield launches
     finally:
         _call._launch_jax_triton = orig
@@ -554,9 +560,6 @@ def input_dtype(launch: Launch) -> str:
     return "-"
 
 
-_POOL_ITEMS: list = []
-
-
 def _compile_one(b: Build, ln: Launch) -> dict:
     try:
         return analyse(compile_launch(ln, b.arch), b.arch)
@@ -565,9 +568,63 @@ def _compile_one(b: Build, ln: Launch) -> dict:
         return {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]}
 
 
-def _compile_item(i: int) -> dict:
-    b, ln = _POOL_ITEMS[i]
+def _pack(v):
+    if hasattr(v, "dtype") and hasattr(v, "stride") and hasattr(v, "shape"):
+        return ("tensor", tuple(v.shape), tuple(v.stride()), str(v.dtype).replace("torch.", ""))
+    return ("value", v)
+
+
+def _unpack(x):
+    import torch
+
+    if x[0] == "tensor":
+        return torch.empty_strided(x[1], x[2], dtype=getattr(torch, x[3]), device="meta")
+    return x[1]
+
+
+def portable(ln: Launch) -> dict:
+    """A launch as plain data (kernel by module and name, tensors by shape/strides/dtype)."""
+    return dict(module=ln.kernel.fn.__module__, name=ln.name, grid=ln.grid, layer=ln.layer, op=ln.op,
+                framework=ln.framework, args=[_pack(a) for a in ln.args],
+                kwargs={k: _pack(v) for k, v in ln.kwargs.items()})
+
+
+def from_portable(d: dict) -> Launch:
+    import importlib
+
+    kernel = getattr(importlib.import_module(d["module"]), d["name"])
+    return Launch(kernel, tuple(d["grid"]), tuple(_unpack(a) for a in d["args"]),
+                  {k: _unpack(v) for k, v in d["kwargs"].items()}, d["layer"], d["op"], d["framework"])
+
+
+def _compile_portable(item) -> dict:
+    d, arch = item
+    ln = from_portable(d)
+    b, _ = specialise(ln, arch)
     return _compile_one(b, ln)
+
+
+def compile_builds(items: list, *, jobs: int = 1, progress=None) -> dict:
+    """Compile distinct builds: ``items`` = [(Build, a Launch of it)], any mix of archs.
+    Returns {build: analysis dict, or {"error": text} for a build that does not compile}."""
+    out: dict = {}
+    if jobs > 1 and len(items) > 1:
+        # fresh processes ("spawn"): Python's ast module (Triton's front end) is not thread-safe
+        # and forking a process that runs JAX threads can deadlock; launches travel as plain data
+        import multiprocessing as mp
+
+        payload = [(portable(ln), b.arch) for b, ln in items]
+        with mp.get_context("spawn").Pool(min(jobs, len(items))) as pool:
+            for i, info in enumerate(pool.imap(_compile_portable, payload)):
+                out[items[i][0]] = info
+                if progress:
+                    progress(i + 1, len(items), items[i][0])
+    else:
+        for i, (b, ln) in enumerate(items):
+            out[b] = _compile_one(b, ln)
+            if progress:
+                progress(i + 1, len(items), b)
+    return out
 
 
 def compile_all(launches: list[Launch], arch: int, *, cache: dict | None = None, jobs: int = 1,
@@ -581,26 +638,7 @@ def compile_all(launches: list[Launch], arch: int, *, cache: dict | None = None,
         rows.append((ln, b))
         if b not in cache and b not in todo:
             todo[b] = ln
-    items = list(todo.items())
-    if jobs > 1 and len(items) > 1:
-        # processes, not threads: Python's ast module (Triton's front end) is not thread-safe
-        import multiprocessing as mp
-
-        global _POOL_ITEMS
-        _POOL_ITEMS = items
-        try:
-            with mp.get_context("fork").Pool(jobs) as pool:
-                for i, info in enumerate(pool.imap(_compile_item, range(len(items)))):
-                    cache[items[i][0]] = info
-                    if progress:
-                        progress(i + 1, len(items), items[i][0])
-        finally:
-            _POOL_ITEMS = []
-    else:
-        for i, (b, ln) in enumerate(items):
-            cache[b] = _compile_one(b, ln)
-            if progress:
-                progress(i + 1, len(items), b)
+    cache.update(compile_builds(list(todo.items()), jobs=jobs, progress=progress))
     return rows, cache
 
 
@@ -639,5 +677,5 @@ def arg_dtypes(launch: Launch) -> dict:
 
 __all__ = ["PEAKS", "ESTIMATE_LABEL", "Launch", "Build", "record_torch_launches", "record_jax_launches",
            "layer_label", "specialise", "compile_launch", "analyse", "occupancy", "launch_cost", "mma_peak",
-           "roofline_s", "nonprivate_wgrad_s", "compile_all", "summarise", "multiplies_half", "is_norm_kernel",
+           "roofline_s", "nonprivate_wgrad_s", "compile_all", "compile_builds", "portable", "from_portable", "summarise", "multiplies_half", "is_norm_kernel",
            "is_clipped_weight_kernel", "arg_dtypes", "kernel_name"]
