@@ -3,7 +3,10 @@
 Framework-neutral (pure Python). The kernels are in ``dpprims.kernels.noise`` (noise only) and
 ``dpprims.kernels.update`` (noise + normalisation + optimizer update in one pass); the torch ops in
 ``dpprims.bindings.torch.noise`` / ``.update``. All of them draw the *same* numbers for the same
-(seed, step, rank, pair index): the torch fallback reproduces the Philox words bit for bit.
+(seed, step, rank, pair index): the torch fallback reproduces the Philox words bit for bit. On a
+CPU without Triton, ``dpprims.noise_cpu`` (numba + numpy's float32 libm) evaluates this generator
+for the torch plain path and the JAX jnp path at about the speed of torch.randn, bit for bit the
+interpreter's kernel - the same generator, so everything below (tails, delta) holds unchanged.
 
 1. The generator
 ================

@@ -37,7 +37,10 @@ Paths:
     3.5-ulp approximation, XLA's 1.2 ulp, cos/sin 1.4 vs 0.6 ulp; measured: at most 5 ulp of z
     over 4M draws, i.e. the same values to ~6 significant digits).
     ``"auto"`` (default; env ``DPPRIMS_JAX_LIBM``) = numpy when JAX's default backend is the CPU,
-    xla otherwise (a GPU without jax-triton). Read at trace time.
+    xla otherwise (a GPU without jax-triton). Read at trace time. With numpy and numba installed
+    the whole generator runs in one ``pure_callback`` into ``dpprims.noise_cpu`` (the torch plain
+    path's code: the same numbers, ~3x faster than XLA's uint32 Philox here; ``DPPRIMS_NOISE_CPU=0``
+    keeps the XLA Philox + numpy libm callback).
 
   Compiled GPU kernels use the GPU's transcendentals (and FMA): ~1e-6 relative from both.
 

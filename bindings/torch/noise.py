@@ -9,10 +9,12 @@ Ops (torch.library.custom_op, with fake implementations for torch.compile):
 
 seed: int32[2] (the 64-bit seed's low/high words), step: int32[1], scal: fp32[>=2] = [std,
 normaliser, ...] - device arrays, so a new step needs no recompile. Backends (``_backend.record``):
-the Triton kernel for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1, else a plain-torch
-Philox4x32-10 + the same Box-Muller in int64 / fp32 torch arithmetic: its Philox words equal the
-kernel's bit for bit, and on CPU its normals equal the interpreter's bit for bit too (it takes
-float32 log/cos/sin/sqrt from numpy, as the interpreter does). Compiled GPU kernels may use the
+the Triton kernel for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1, else the plain path:
+``dpprims.noise_cpu`` when numba is installed (vectorised Philox, the kernel's epilogue fused, about
+torch.randn's speed), otherwise a plain-torch Philox4x32-10 + the same Box-Muller in int64 / fp32
+torch arithmetic (30-50x slower). Both give Philox words equal to the kernel's bit for bit, and on
+CPU normals equal to the interpreter's bit for bit too (they take float32 log/cos/sin from numpy,
+as the interpreter does). Compiled GPU kernels may use the
 fast transcendental approximations: their normals agree with these to about 1e-6 (relative).
 
 Helpers: :func:`gaussian_noise` (fresh noise), :func:`add_gaussian_noise_`, :func:`noisy_grads`
