@@ -378,3 +378,45 @@ def test_tf32_cancellation_keeps_the_bound_on_gpu(T):
     c = torch.clamp(C / (n + 1e-6), max=1.0) * torch.tensor([1.0, 0.0], device="cuda")
     w = ops.linear_clipped_weight_grad(a, g, c, "tf32")
     assert float(w.double().norm()) <= C * (1 + 1e-5)
+
+
+# ============================================================================= JAX binding
+@pytest.mark.parametrize("T", [1, 5])
+def test_jax_kernel_path_rounds_like_the_design(T):
+    """The JAX launch builders pass the same ROUND_DTYPE (from the original bf16 dtype, with
+    operands upcast under the interpreter): bf16 through the interpreter path matches the
+    float64 emulation (design (b) at T = 1, design (a) at T = 5, and the embedding sum)."""
+    jnp = pytest.importorskip("jax.numpy")
+    from dpprims.bindings import jax as J
+    from dpprims.bindings.jax._call import use_path
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter path needs TRITON_INTERPRET=1 (CPU runs)")
+    rng = np.random.default_rng()
+    A = jnp.asarray(rng.standard_normal((6, T, 9)), jnp.bfloat16)
+    G = jnp.asarray(rng.standard_normal((6, T, 7)), jnp.bfloat16)
+    c = jnp.asarray(rng.uniform(0.1, 1, 6), jnp.float32)
+    with use_path("interpreter"):
+        out = np.asarray(J.linear_clipped_weight_grad(A, G, c), np.float64)
+    a = np.asarray(A.astype(jnp.float32), np.float64)
+    g = np.asarray(G.astype(jnp.float32), np.float64)
+    c64 = np.asarray(c, np.float64)
+    if T == 1:
+        y = rtz_ref((g.astype(np.float32) * c64.astype(np.float32)[:, None, None]).astype(np.float64), "bf16")
+        expected, scale = np.einsum("btp,btd->pd", y, a), np.einsum("btp,btd->pd", np.abs(y), np.abs(a))
+    else:
+        expected = np.einsum("b,btp,btd->pd", c64, g, a)
+        scale = np.einsum("b,btp,btd->pd", c64, np.abs(g), np.abs(a))
+    assert np.max(np.abs(out - expected)) <= ACC_TOL * np.max(scale)
+    ids = jnp.asarray(rng.integers(0, 11, (4, 6)))
+    Ge = jnp.asarray(rng.standard_normal((4, 6, 5)), jnp.bfloat16)
+    ce = jnp.asarray(rng.uniform(0.1, 1, 4), jnp.float32)
+    with use_path("interpreter"):
+        out = np.asarray(J.embedding_clipped_grad(ids, Ge, ce, 11), np.float64)
+    cr = rtz_ref(np.asarray(ce, np.float64), "bf16")
+    rows = np.asarray(Ge.astype(jnp.float32), np.float64) * cr[:, None, None]
+    expected = np.zeros((11, 5))
+    np.add.at(expected, np.asarray(ids).reshape(-1), rows.reshape(-1, 5))
+    scale = np.zeros((11, 5))
+    np.add.at(scale, np.asarray(ids).reshape(-1), np.abs(rows).reshape(-1, 5))
+    assert np.max(np.abs(out - expected)) <= ACC_TOL * np.max(scale)
