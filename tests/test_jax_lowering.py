@@ -26,9 +26,15 @@ bench/gpu_check).
 
 The kernels must be compiled ones (TRITON_INTERPRET unset) while the rest of the suite runs
 them in the interpreter, so the lowering runs in one child process (this file as a script),
-which writes what it found as JSON; the tests read that. ``python tests/test_jax_lowering.py
-count`` prints the number of Triton compiles per model (ResNet-18 / ResNet-50 twins at full
-width, CIFAR 32x32).
+which writes what it found as JSON; the tests read that.
+
+Triton compiles per model (``env -u TRITON_INTERPRET PYTHONPATH=build/jax-cuda12-plugin python
+tests/test_jax_lowering.py count resnet18 32``: jax-triton's compiled-kernel cache after exporting
+clipped_grad for cuda, ResNet-GN twins at width 64, CIFAR 32x32, B = 32). Before the kernel
+argument reorder (shapes and strides after the outputs, hence constexprs) -> after (runtime
+scalars; what still tells compiles apart is block sizes, KH/KW, direct vs ghost, and scalars
+equal to 1, which jax-triton specialises): ResNet-18 35 -> 27 compiles for 86 kernel calls,
+ResNet-50 68 -> 32 for 218 calls.
 """
 from __future__ import annotations
 
