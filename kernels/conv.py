@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from ._launch import LaunchSpec, block, cdiv, interpreting
+from ._launch import LaunchSpec, block, cdiv, check_arch, interpreting
 from .linear import clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
 
 
@@ -374,7 +374,7 @@ def _kernel_constexprs(geo: Conv2dGeometry) -> dict:
     return dict(KH=geo.KH, KW=geo.KW)
 
 
-def conv2d_norm_direct_spec(geo: Conv2dGeometry) -> LaunchSpec:
+def conv2d_norm_direct_spec(geo: Conv2dGeometry, arch: int = 90) -> LaunchSpec:
     """Grid (B*groups, P-tiles x D-tiles); one fp32 partial per program."""
     bt = block(geo.T, 32, 128)
     bd = block(geo.D, 64, 128)
@@ -385,18 +385,27 @@ def conv2d_norm_direct_spec(geo: Conv2dGeometry) -> LaunchSpec:
                       num_warps=4, outputs={"partials": (geo.B, geo.groups * n_tiles)})
 
 
-def conv2d_norm_ghost_spec(geo: Conv2dGeometry) -> LaunchSpec:
-    """Grid (B*groups, T-tiles, T-tiles); tiles below the diagonal exit after writing 0."""
-    bt = block(geo.T, 64, 128)
-    bd = block(geo.D, 64, 128)
-    bp = block(geo.P, 64, 128)
+def conv2d_norm_ghost_spec(geo: Conv2dGeometry, arch: int = 90) -> LaunchSpec:
+    """Grid (B*groups, T-tiles, T-tiles); tiles below the diagonal exit after writing 0.
+
+    Register pressure (compiled builds, bench/kernel_report.py; ResNet-18 stage 3, T = 64,
+    d = 2304, p = 256): the implicit-im2col address math makes this the heaviest norm kernel.
+    At BLOCK_T = 64 with 64 x 64 operand tiles and 4 warps it takes 254 registers in bf16 (1-2
+    CTAs per SM) and spills in fp32 on sm_90 and sm_80 (fp16 spills too, 255 registers), as it
+    does at BLOCK_T = 32 with 64-wide tiles in fp32. 32 x 32 x 32 tiles with 8 warps compile
+    without spills on both: 75 registers in fp32 on sm_90 (3 CTAs = 24 warps per SM), 104 on
+    sm_80. Same choice on both architectures."""
+    check_arch(arch)
+    bt = block(geo.T, 32, 128)
+    bd = block(geo.D, 32, 128)
+    bp = block(geo.P, 32, 128)
     n_t = cdiv(geo.T, bt)
     return LaunchSpec(grid=(geo.B * geo.groups, n_t, n_t),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp),
-                      num_warps=4, outputs={"partials": (geo.B, geo.groups * n_t * n_t)})
+                      num_warps=4 if interpreting() else 8, outputs={"partials": (geo.B, geo.groups * n_t * n_t)})
 
 
-def conv2d_bias_grads_spec(B: int, C: int, T: int) -> LaunchSpec:
+def conv2d_bias_grads_spec(B: int, C: int, T: int, arch: int = 90) -> LaunchSpec:
     bc = block(C, 32, 256, lo=1)
     bt = block(T, 128, 1024, lo=1)
     return LaunchSpec(grid=(B, cdiv(C, bc)), constexprs=dict(BLOCK_C=bc, BLOCK_T=bt), num_warps=4,

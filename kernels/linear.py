@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import LaunchSpec, block, cdiv, interpreting
+from ._launch import LaunchSpec, block, cdiv, check_arch, interpreting
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def _linear_clipped_bias_grad_kernel(
 # --------------------------------------------------------------------------------------------
 # launch specs (shared by the torch and JAX bindings)
 # --------------------------------------------------------------------------------------------
-def linear_norm_direct_spec(B: int, T: int, D: int, P: int) -> LaunchSpec:
+def linear_norm_direct_spec(B: int, T: int, D: int, P: int, arch: int = 90) -> LaunchSpec:
     bt = block(T, 32, 64)
     bd = block(D, 64, 128)
     bp = block(P, 64, 128)
@@ -356,21 +356,32 @@ def linear_norm_direct_spec(B: int, T: int, D: int, P: int) -> LaunchSpec:
                       num_warps=4, outputs={"partials": (B, n_tiles)})
 
 
-def linear_norm_ghost_spec(B: int, T: int, D: int, P: int) -> LaunchSpec:
-    bt = block(T, 64, 64)
+def linear_norm_ghost_spec(B: int, T: int, D: int, P: int, arch: int = 90) -> LaunchSpec:
+    """[BLOCK_T, BLOCK_T] Gram tiles, per architecture (compiled builds, bench/kernel_report.py;
+    T = 512, d = p = 768 at 64 x 64 operand tiles):
+
+    * sm_90: BLOCK_T = 64 with 8 warps. With 4 warps each thread holds twice the tile: 214
+      registers in fp32 (2 CTAs = 8 warps per SM), 105 in bf16; 8 warps take 128 (fp32, 16
+      warps per SM) and 58 (bf16, 4 CTAs = 32 warps per SM), no spills, wgmma kept.
+    * sm_80: BLOCK_T = 32 with 8 warps: 58 registers in fp32 and 48 in bf16 (4-5 CTAs, 32-40
+      warps per SM) against 208 / 128 at BLOCK_T = 64 with 4 warps, and the lower roofline
+      estimate (fewer idle CTA slots in the last wave on 108 SMs).
+    """
+    arch = check_arch(arch)
+    bt = block(T, 64 if arch >= 90 else 32, 64)
     bd = block(D, 64, 128)
     bp = block(P, 64, 128)
     n_t = cdiv(T, bt)
     return LaunchSpec(grid=(B, n_t, n_t), constexprs=dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp),
-                      num_warps=4, outputs={"partials": (B, n_t * n_t)})
+                      num_warps=4 if interpreting() else 8, outputs={"partials": (B, n_t * n_t)})
 
 
-def rows_sq_norm_spec(B: int, N: int) -> LaunchSpec:
+def rows_sq_norm_spec(B: int, N: int, arch: int = 90) -> LaunchSpec:
     return LaunchSpec(grid=(B,), constexprs=dict(BLOCK_N=block(N, 1024, 4096)), num_warps=4,
                       outputs={"out": (B,)})
 
 
-def linear_bias_norm_spec(B: int, T: int, P: int) -> LaunchSpec:
+def linear_bias_norm_spec(B: int, T: int, P: int, arch: int = 90) -> LaunchSpec:
     bt = block(T, 32, 64)
     bp = block(P, 128, 512)
     n_p = cdiv(P, bp)

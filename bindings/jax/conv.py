@@ -171,9 +171,9 @@ def _weight_sq_norms(x, G, *, op, geo, pads, method, precision):
 def conv_norm_call(x, G, geo: Conv2dGeometry, method: str, precision: str) -> KernelCall:
     x, G = _kernel_dtype(x), _kernel_dtype(G)
     if method == "direct":
-        spec, kernel = _k.conv2d_norm_direct_spec(geo), _k._conv2d_norm_direct_kernel
+        spec, kernel = _k.conv2d_norm_direct_spec(geo, arch=arch()), _k._conv2d_norm_direct_kernel
     else:
-        spec, kernel = _k.conv2d_norm_ghost_spec(geo), _k._conv2d_norm_ghost_kernel
+        spec, kernel = _k.conv2d_norm_ghost_spec(geo, arch=arch()), _k._conv2d_norm_ghost_kernel
     return KernelCall(kernel, spec.grid,
                       inputs=dict(x_ptr=x, g_ptr=G, **_geo_inputs(geo), **_stride_inputs(geo)),
                       outputs=dict(out_ptr=f32(spec.outputs["partials"])),

@@ -66,7 +66,7 @@ def _sq_norms(ids, G, *, precision):
 def embedding_norm_call(ids, G, precision: str) -> KernelCall:
     G = _kernel_dtype(G)
     B, T, P = G.shape
-    spec = _k.embedding_norm_ghost_spec(B, T, P)
+    spec = _k.embedding_norm_ghost_spec(B, T, P, arch=arch())
     si, sg = strides(ids), strides(G)
     return KernelCall(_k._embedding_norm_ghost_kernel, spec.grid,
                       inputs=dict(ids_ptr=ids, g_ptr=G, T=T, P=P, pad=-1, stride_ib=si[0], stride_it=si[1],

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpprims.kernels import _launch
 from dpprims.kernels import linear as _k
 
 from ._call import KernelCall, acc_dtype, compute_capability, dispatch, f32, launch, nondifferentiable, strides
@@ -106,9 +107,9 @@ def linear_norm_call(A, G, method: str, precision: str) -> KernelCall:
     B, T, D = A.shape
     P = G.shape[2]
     if method == "direct":
-        spec, kernel = _k.linear_norm_direct_spec(B, T, D, P), _k._linear_norm_direct_kernel
+        spec, kernel = _k.linear_norm_direct_spec(B, T, D, P, arch=arch()), _k._linear_norm_direct_kernel
     else:
-        spec, kernel = _k.linear_norm_ghost_spec(B, T, D, P), _k._linear_norm_ghost_kernel
+        spec, kernel = _k.linear_norm_ghost_spec(B, T, D, P, arch=arch()), _k._linear_norm_ghost_kernel
     sa, sg = strides(A), strides(G)
     return KernelCall(
         kernel, spec.grid,
@@ -166,7 +167,7 @@ def _rows_sq_norm(x):
 def rows_sq_norm_call(x) -> KernelCall:
     x = _kernel_dtype(x)
     B, N = x.shape
-    spec = _k.rows_sq_norm_spec(B, N)
+    spec = _k.rows_sq_norm_spec(B, N, arch=arch())
     sx = strides(x)
     return KernelCall(_k._rows_sq_norm_kernel, spec.grid,
                       inputs=dict(x_ptr=x, N=N, stride_xb=sx[0], stride_xn=sx[1]),
@@ -200,7 +201,7 @@ def _bias_sq_norms(G):
 def linear_bias_norm_call(G) -> KernelCall:
     G = _kernel_dtype(G)
     B, T, P = G.shape
-    spec = _k.linear_bias_norm_spec(B, T, P)
+    spec = _k.linear_bias_norm_spec(B, T, P, arch=arch())
     sg = strides(G)
     return KernelCall(_k._linear_bias_norm_kernel, spec.grid,
                       inputs=dict(g_ptr=G, T=T, P=P, stride_gb=sg[0], stride_gt=sg[1], stride_gp=sg[2]),
@@ -236,15 +237,15 @@ def _clipped_weight_grad(A, G, c, *, precision):
 def arch() -> int:
     """Compute capability (e.g. 90) for the launch specs: ``use_compute_capability`` /
     DPPRIMS_JAX_COMPUTE_CAPABILITY where set (the target jax-triton compiles for, e.g. when
-    exporting for cuda without a GPU), else JAX's first GPU's; 90 without one."""
+    exporting for cuda without a GPU), else JAX's first GPU's, else kernels._launch.DEFAULT_ARCH."""
     cc = compute_capability()
     if cc is not None:
         return int(cc)
     try:
         cc = getattr(jax.devices()[0], "compute_capability", None)
-        return int(round(float(cc) * 10)) if cc else 90
+        return int(round(float(cc) * 10)) if cc else _launch.DEFAULT_ARCH
     except Exception:  # no backend, or a device kind without the attribute
-        return 90
+        return _launch.DEFAULT_ARCH
 
 
 def clipped_sum_operand(x, kernel):

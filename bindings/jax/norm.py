@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from dpprims.kernels import norm_affine as _k
 
 from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable, strides
-from .linear import _kernel_dtype, check_factors
+from .linear import _kernel_dtype, arch, check_factors
 
 
 def norm_affine_per_example_grads(xhat, G):
@@ -49,7 +49,7 @@ def _per_example_grads(xhat, G):
 def norm_affine_grads_call(xhat, G) -> KernelCall:
     xhat, G = _kernel_dtype(xhat), _kernel_dtype(G)
     B, R, C = xhat.shape
-    spec = _k.norm_affine_grads_spec(B, R, C, row_stats=False)
+    spec = _k.norm_affine_grads_spec(B, R, C, row_stats=False, arch=arch())
     sx, sg = strides(xhat), strides(G)
     dummy = jnp.zeros((1,), jnp.float32)  # HAS_STATS=False: x is x_hat, mean/rstd are not read
     return KernelCall(

@@ -98,9 +98,9 @@ def conv2d_weight_sq_norms(x: torch.Tensor, G: torch.Tensor, kernel_size: list[i
         return _torch_weight_sq_norms(x4, G4, geo, method)
     x4, G4 = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
     if method == "direct":
-        spec, kernel = _k.conv2d_norm_direct_spec(geo), _k._conv2d_norm_direct_kernel
+        spec, kernel = _k.conv2d_norm_direct_spec(geo, arch=_arch(x4)), _k._conv2d_norm_direct_kernel
     else:
-        spec, kernel = _k.conv2d_norm_ghost_spec(geo), _k._conv2d_norm_ghost_kernel
+        spec, kernel = _k.conv2d_norm_ghost_spec(geo, arch=_arch(x4)), _k._conv2d_norm_ghost_kernel
     partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
     _launch(kernel, spec, x4, G4, *geo.scalars(), *geo.conv_scalars(),
             *x4.stride(), *G4.stride(), partials, DOT_PRECISION=prec)
@@ -167,7 +167,7 @@ def conv2d_bias_grads(G: torch.Tensor) -> torch.Tensor:
     backend = record("conv2d_bias_grads", G)
     if backend == "torch":
         return G4.float().sum(dim=(2, 3))
-    spec = _k.conv2d_bias_grads_spec(B, C, H_out * W_out)
+    spec = _k.conv2d_bias_grads_spec(B, C, H_out * W_out, arch=_arch(G4))
     out = empty(spec.outputs["out"], device=G.device, dtype=torch.float32)
     _launch(_k._conv2d_bias_grads_kernel, spec, G4, C, H_out * W_out, W_out, *G4.stride(), out)
     return out

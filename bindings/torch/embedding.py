@@ -75,7 +75,7 @@ def embedding_sq_norms(ids: torch.Tensor, G: torch.Tensor, padding_idx: int | No
         same = (ids[:, :, None] == ids[:, None, :]) & ok[:, :, None] & ok[:, None, :]
         return torch.where(same, torch.bmm(g, g.transpose(1, 2)), 0.0).sum(dim=(1, 2))
     G = interpreter_safe(G, backend)
-    spec = _k.embedding_norm_ghost_spec(B, T, P)
+    spec = _k.embedding_norm_ghost_spec(B, T, P, arch=_arch(G))
     partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
     _launch(_k._embedding_norm_ghost_kernel, spec, ids, G, T, P, pad,
             *ids.stride(), *G.stride(), partials, DOT_PRECISION=prec)

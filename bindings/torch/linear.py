@@ -18,7 +18,7 @@ import torch
 from dpprims.kernels import clip as _kclip
 from dpprims.kernels import linear as _k
 
-from ._backend import empty, record
+from ._backend import arch_for, empty, record
 
 _DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -76,11 +76,9 @@ def _launch(kernel, spec, *args, **kw):
 
 
 def _arch(x: torch.Tensor) -> int:
-    """Compute capability (e.g. 90) of x's CUDA device for the launch specs; 90 elsewhere."""
-    if x.device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
+    """Compute capability (e.g. 90) of x's CUDA device for the launch specs, read at launch time;
+    kernels._launch.DEFAULT_ARCH (90) elsewhere (see _backend.arch_for)."""
+    return arch_for(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,10 +105,10 @@ def linear_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str, precis
     if method == "outer":
         return rows_sq_norm(A[:, 0, :]) * rows_sq_norm(G[:, 0, :])
     if method == "direct":
-        spec = _k.linear_norm_direct_spec(B, T, D, P)
+        spec = _k.linear_norm_direct_spec(B, T, D, P, arch=_arch(A))
         kernel = _k._linear_norm_direct_kernel
     else:
-        spec = _k.linear_norm_ghost_spec(B, T, D, P)
+        spec = _k.linear_norm_ghost_spec(B, T, D, P, arch=_arch(A))
         kernel = _k._linear_norm_ghost_kernel
     partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     _launch(kernel, spec, A, G, T, D, P, *A.stride(), *G.stride(), partials, DOT_PRECISION=prec)
@@ -150,7 +148,7 @@ def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> tor
 def rows_sq_norm(x: torch.Tensor) -> torch.Tensor:
     """sum of squares of each row of a [B, N] tensor, fp32, through the row-norm kernel."""
     B, N = x.shape
-    spec = _k.rows_sq_norm_spec(B, N)
+    spec = _k.rows_sq_norm_spec(B, N, arch=_arch(x))
     out = empty(B, device=x.device, dtype=torch.float32)
     _launch(_k._rows_sq_norm_kernel, spec, x, N, *x.stride(), out)
     return out
@@ -168,7 +166,7 @@ def linear_bias_sq_norms(G: torch.Tensor) -> torch.Tensor:
         return G.float().sum(1).pow(2).sum(1)
     if T == 1:
         return rows_sq_norm(G[:, 0, :])
-    spec = _k.linear_bias_norm_spec(B, T, P)
+    spec = _k.linear_bias_norm_spec(B, T, P, arch=_arch(G))
     partials = empty(spec.outputs["partials"], device=G.device, dtype=torch.float32)
     _launch(_k._linear_bias_norm_kernel, spec, G, T, P, *G.stride(), partials)
     return partials.sum(dim=1)

@@ -35,7 +35,7 @@ import torch
 
 from dpprims.kernels import norm_affine as _k
 
-from ._backend import empty, record
+from ._backend import arch_for, empty, record
 from .linear import _check_factors
 
 
@@ -74,7 +74,7 @@ def _affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool, op: st
     backend = record(op, x3)
     if backend == "torch":
         return _torch_affine_grads(x3, g3, mean, rstd, cpg, ng, row_stats)
-    spec = _k.norm_affine_grads_spec(B, R, C, row_stats)
+    spec = _k.norm_affine_grads_spec(B, R, C, row_stats, arch=arch_for(x3))
     pe = empty(spec.outputs["per_example"], device=x3.device, dtype=torch.float32)
     partials = empty(spec.outputs["partials"], device=x3.device, dtype=torch.float32)
     m, s = (mean, rstd) if mean is not None else (pe, pe)  # dummy buffers when HAS_STATS is False
