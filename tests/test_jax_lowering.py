@@ -448,3 +448,34 @@ def test_noisy_update_lowers_to_triton_for_cuda(lowered):
     assert _count(rep, "_noisy_update_kernel") == rep["n_leaves"]
     assert _count(rep, "_gaussian_noise_kernel") == 1
     assert len(_triton_calls(rep)) == rep["n_leaves"] + 1
+
+
+@pytest.mark.gpu
+def test_auto_path_runs_the_kernels_on_a_gpu():
+    """On a GPU (CUDA jaxlib, jax-triton, compiled kernels) the default path executes the Triton
+    kernels inside one jitted function and agrees with the jnp path."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dpprims.bindings import jax as J
+    from dpprims.bindings.jax import _call
+
+    if jax.default_backend() != "gpu" or not _call.platform_dispatch():
+        pytest.skip("needs JAX on a GPU with jax_triton and compiled kernels (TRITON_INTERPRET unset)")
+    rng = np.random.default_rng(3)
+    A = jnp.asarray(rng.standard_normal((6, 37, 70)), jnp.float32)
+    G = jnp.asarray(rng.standard_normal((6, 37, 45)), jnp.float32)
+    c = jnp.asarray(rng.uniform(0.1, 2.0, 6), jnp.float32).at[2].set(0.0)
+
+    def ops(A, G, c):
+        return (J.linear_weight_sq_norms(A, G, "ghost"), J.linear_weight_sq_norms(A, G, "direct"),
+                J.linear_clipped_weight_grad(A, G, c), J.clip_factors(jnp.abs(A[:, 0, 0]), None, 0.7)[0])
+
+    _call.LAST_PATH.clear()
+    got = jax.jit(ops)(A, G, c)
+    assert set(_call.LAST_PATH.values()) == {"jax-triton"}, _call.LAST_PATH
+    with J.use_path("jnp"):
+        expected = jax.jit(ops)(A, G, c)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)

@@ -238,7 +238,9 @@ def dispatch(op: str, args: tuple, jnp_fn, kernel_fn):
 
     ``auto`` with :func:`platform_dispatch`: ``lax.platform_dependent`` of the kernel (cuda;
     its outputs cast to the jnp path's dtypes, e.g. float64 under x64) and the jnp path (every
-    other platform), so the lowering platform decides. Otherwise the host's path (``record``)."""
+    other platform), so the lowering platform decides. Otherwise the host's path (``record``).
+    Where the kernel branch exists the op cannot be ``jax.vmap``-ed (jax-triton has no batching
+    rule), on any platform; no dpprims code vmaps these ops."""
     if platform_dispatch():
         LAST_PATH[op] = which_path()  # the host's choice; the lowering overwrites it
         expected = jax.eval_shape(jnp_fn, *args)
