@@ -62,7 +62,8 @@ def _norm(kind: str, name: str):
 class SmallTransformer(nn.Module):
     """Images [B, H, W, C] cut into ``patch x patch`` patches (token = C*p*p values, channel-major
     like the torch model's NCHW patches), learned positions, ``depth`` pre-norm blocks, final
-    norm, mean over positions, Dense head."""
+    norm, the tokens flattened (``pool="flatten"``, the torch model's image default) or averaged
+    (``"mean"``), Dense head."""
 
     num_classes: int = 10
     patch: int = 7
@@ -71,6 +72,7 @@ class SmallTransformer(nn.Module):
     heads: int = 4
     mlp_ratio: float = 2.0
     norm: str = "layernorm"
+    pool: str = "flatten"
 
     @nn.compact
     def __call__(self, x):
@@ -88,7 +90,11 @@ class SmallTransformer(nn.Module):
             h = _norm(self.norm, f"blocks.{i}.norm2")(z)
             h = dpj.Dense(int(self.dim * self.mlp_ratio), name=f"blocks.{i}.linear1")(h)
             z = z + dpj.Dense(self.dim, name=f"blocks.{i}.linear2")(nn.gelu(h, approximate=False))
-        return dpj.Dense(self.num_classes, name="head")(_norm(self.norm, "norm")(z).mean(axis=1))
+        z = _norm(self.norm, "norm")(z)
+        if self.pool not in ("flatten", "mean"):
+            raise ValueError(f"pool must be 'mean' or 'flatten', got {self.pool!r}")
+        z = z.reshape(B, T * self.dim) if self.pool == "flatten" else z.mean(axis=1)
+        return dpj.Dense(self.num_classes, name="head")(z)
 
 
 def small_transformer(num_classes: int = 10, input_size: Union[int, Sequence[int], None] = None,

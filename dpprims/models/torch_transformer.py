@@ -6,7 +6,13 @@ tokens of C*p*p values each), then
 
     token embedding (Embedding, or Linear on patches) + learned position embedding (Embedding
     over positions 0..T-1) -> ``depth`` x nn.TransformerEncoderLayer (batch_first, pre-norm,
-    GELU, no dropout by default) -> final norm -> mean over positions -> Linear head.
+    GELU, no dropout by default) -> final norm -> pooling -> Linear head.
+
+Pooling: ``pool="flatten"`` (the default for images: the head sees every position, T*dim
+inputs) or ``"mean"`` (the default for token ids, any length up to ``max_len``). Flattening
+matters for DP's short training: on sklearn digits (dim 32, depth 2), 60 non-private steps of
+batch 256 reach 0.85 test accuracy with flatten vs 0.15 with mean pooling (SGD lr 0.05, momentum
+0.9), 0.96 vs 0.67 with Adam lr 3e-3.
 
 The encoder layers are torch's own ``nn.TransformerEncoderLayer``; their attention is turned
 into ``dpprims.torch.DPMultiheadAttention`` by ``convert_multihead_attention`` (same weights),
@@ -40,7 +46,8 @@ class SmallTransformer(nn.Module):
     def __init__(self, num_classes: int = 10, *, in_channels: int = 1,
                  input_size: Union[int, Sequence[int], None] = None, patch: Optional[int] = None,
                  vocab_size: Optional[int] = None, max_len: int = 512, dim: int = 64, depth: int = 2,
-                 heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0, norm: str = "layernorm") -> None:
+                 heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0, norm: str = "layernorm",
+                 pool: Optional[str] = None) -> None:
         super().__init__()
         from dpprims.torch.attention import convert_multihead_attention
 
@@ -74,8 +81,11 @@ class SmallTransformer(nn.Module):
                 layer.norm1, layer.norm2 = _norm(norm, dim), _norm(norm, dim)
             layers.append(layer)
         self.blocks = convert_multihead_attention(nn.Sequential(*layers))
+        self.pool = pool if pool is not None else ("mean" if vocab_size is not None else "flatten")
+        if self.pool not in ("mean", "flatten"):
+            raise ValueError(f"pool must be 'mean' or 'flatten', got {pool!r}")
         self.norm = _norm(norm, dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim * (self.seq_len if self.pool == "flatten" else 1), num_classes)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, C*p*p] patches of images [B, C, H, W] (row-major patch order, channels first
@@ -96,8 +106,12 @@ class SmallTransformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.seq_len} positions")
         pos = torch.arange(T, device=t.device).expand(t.shape[0], T)  # [B, T]: per-example ids
         z = self.embed(t) + self.pos(pos)
-        z = self.blocks(z)
-        return self.head(self.norm(z).mean(dim=1))
+        z = self.norm(self.blocks(z))
+        if self.pool == "flatten":
+            if T != self.seq_len:
+                raise ValueError(f"pool='flatten' needs exactly {self.seq_len} tokens, got {T}")
+            return self.head(z.flatten(1))
+        return self.head(z.mean(dim=1))
 
 
 def _default_patch(hw) -> int:
@@ -112,5 +126,5 @@ def _default_patch(hw) -> int:
 def small_transformer(num_classes: int = 10, in_channels: int = 1, input_size=None, **kwargs) -> SmallTransformer:
     """``SmallTransformer(num_classes, in_channels=..., input_size=..., **kwargs)``; defaults: dim 64,
     depth 2, 4 heads, MLP ratio 2, LayerNorm, patches giving a 4 x 4 grid (28x28 MNIST: 7x7
-    patches, 16 tokens; 8x8 digits: 2x2 patches). 28x28, 10 classes: 71,946 parameters."""
+    patches, 16 tokens; 8x8 digits: 2x2 patches), flattened tokens into the head."""
     return SmallTransformer(num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
