@@ -276,3 +276,11 @@ def test_target_epsilon_is_met():
     assert dp.epsilon(1e-5) == dp.epsilon()
     assert dp.epsilon(1e-2) < dp.epsilon() < dp.epsilon(1e-9)  # the same run at another delta
     assert np.isfinite(dp.plan.noise_multiplier) and dp.plan.noise_multiplier > 0
+
+
+def test_unsupported_layer_is_named():
+    x, y = _data(n=30)
+    m = nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\).*convert_batchnorm_to_groupnorm"):
+        make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), (x, y), noise_multiplier=1.0, delta=1e-5, steps=3,
+                     max_grad_norm=1.0, expected_batch_size=12.0, physical_batch_size=4)
