@@ -168,3 +168,36 @@ def test_half_precision_dots_use_tensor_cores(compiled):
                      "(ptx wgmma / mma.sync = 0; fp32 FMA instead):\n" + "\n".join(
                          f"  sm_{b['arch']} {b['build']} (layer {b['layer']}): fma.rn.f32 {b['ptx']['fma_f32']}"
                          for b in bad))
+
+
+NORM_SPECS = [("linear", "linear_norm_direct_spec"), ("linear", "linear_norm_ghost_spec"),
+              ("linear", "rows_sq_norm_spec"), ("linear", "linear_bias_norm_spec"),
+              ("conv", "conv2d_norm_direct_spec"), ("conv", "conv2d_norm_ghost_spec"),
+              ("conv", "conv2d_bias_grads_spec"), ("norm_affine", "norm_affine_grads_spec"),
+              ("embedding", "embedding_norm_ghost_spec")]
+
+
+@pytest.mark.parametrize("module,name", NORM_SPECS, ids=[n for _, n in NORM_SPECS])
+def test_norm_specs_take_the_architecture(module, name):
+    """Every norm-kernel launch spec takes ``arch`` (both bindings pass it; 90 by default)."""
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(f"dpprims.kernels.{module}"), name)
+    p = inspect.signature(fn).parameters.get("arch")
+    assert p is not None and p.default == 90, f"{name} has no arch=90 keyword"
+
+
+def test_arch_rules(monkeypatch):
+    """sm_86/89 use the sm_80 rules, newer parts the sm_90 ones, pre-Ampere is refused; on a GPU
+    (interpreter off) the ghost Gram tile follows the arch."""
+    from dpprims.kernels import _launch, linear
+
+    assert [_launch.check_arch(a) for a in (80, 86, 89, 90, 100)] == [80, 80, 80, 90, 90]
+    with pytest.raises(ValueError, match="compute capability"):
+        _launch.check_arch(75)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    s90 = linear.linear_norm_ghost_spec(3, 513, 768, 768, arch=90)
+    s80 = linear.linear_norm_ghost_spec(3, 513, 768, 768, arch=80)
+    assert (s90.constexprs["BLOCK_T"], s80.constexprs["BLOCK_T"]) == (64, 32)
+    assert s90.grid == (3, 9, 9) and s80.grid == (3, 17, 17)
