@@ -218,7 +218,7 @@ def test_small_cnn_any_size(size, in_ch):
 
 
 def test_get_model_dispatch():
-    assert set(MODEL_NAMES) == {"mlp", "cnn", "resnet18", "resnet34", "resnet50",
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "transformer", "resnet18", "resnet34", "resnet50",
                                 "resnet18-cifar", "resnet34-cifar", "resnet50-cifar"}
     m = get_model("mlp", num_classes=10, in_channels=1, input_size=8)
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
@@ -226,6 +226,8 @@ def test_get_model_dispatch():
     assert m(torch.randn(2, 64)).shape == (2, 3)
     m = get_model("cnn", num_classes=10, in_channels=1, input_size=28)
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    m = get_model("transformer", num_classes=10, in_channels=1, input_size=28, width=16)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10) and m.patch == 7 and m.pos.weight.shape == (16, 16)
     m = get_model("ResNet50_CIFAR", num_classes=10, width=4)
     assert m.cifar and isinstance(m.layer1[0].conv3, nn.Conv2d)
     assert not get_model("resnet34", num_classes=10, width=4).cifar
