@@ -120,6 +120,26 @@ def test_engine_cpu_methods_match_micro_batch_loop(model_cls, norm_method):
     assert "CPU ms" in engine.format_plan()
 
 
+@pytest.mark.parametrize("cap", [0, 64 << 20], ids=["ghost-recomputes-im2col", "ghost-keeps-im2col"])
+def test_ghost_clipped_sum_with_and_without_the_kept_im2col(cap, monkeypatch):
+    """A plain-torch ghost conv keeps its im2col for the clipped sum when it fits the memory
+    cap, else runs the framework's weight gradient: both give the oracle's sums, padding and a
+    non-finite example included."""
+    monkeypatch.setattr(cpu_cost, "INSTANTIATE_MAX_BYTES", cap)
+    torch.manual_seed(8)
+    model = CNN()
+    x, y = _data(CNN, 5)
+    x[3, 1, 2, 2] = float("inf")
+    mask = torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool)
+    keep = torch.tensor([0, 2, 4])
+    _, sums_ref = micro_batch_oracle(model, x[keep], y[keep], 0.7)
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=0.7, norm_method="ghost")
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"), mask=mask)
+    assert int(engine.last_stats["nonfinite"]) == 1
+    _check_grads(model, sums_ref)
+
+
 def test_instantiate_with_mask_and_nonfinite_example():
     """Padding rows and a non-finite example contribute nothing on the instantiate path."""
     torch.manual_seed(5)

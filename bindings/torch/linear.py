@@ -133,15 +133,15 @@ def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> tor
         for s in range(0, B, chunk):
             a, g = A32[s:s + chunk], G32[s:s + chunk]
             aa, gg = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
-            out.append(torch.bmm(aa.reshape(a.shape[0], 1, -1), gg.reshape(a.shape[0], -1, 1)).reshape(-1))
+            out.append(torch.linalg.vecdot(aa.reshape(a.shape[0], -1), gg.reshape(a.shape[0], -1)))
         return torch.cat(out)
     # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist;
     # the square-sum is a batched dot product (no squared temporary)
     chunk = max(1, (1 << 24) // max(1, D * P))
     out = []
     for s in range(0, B, chunk):
-        w = torch.bmm(G32[s:s + chunk].transpose(1, 2), A32[s:s + chunk]).reshape(-1, 1, D * P)
-        out.append(torch.bmm(w, w.transpose(1, 2)).reshape(-1))
+        w = torch.bmm(G32[s:s + chunk].transpose(1, 2), A32[s:s + chunk]).reshape(-1, D * P)
+        out.append(torch.linalg.vector_norm(w, dim=1).square())
     return torch.cat(out)
 
 
@@ -252,6 +252,26 @@ def linear_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 @linear_clipped_bias_grad.register_fake
 def _(G, c):
     return G.new_empty(G.shape[-1], dtype=torch.float32)
+
+
+def rounded_rows_slack(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (u S_i, alpha_i) [B] fp32 of a design-(c) clipped sum of A [B, T, D],
+    G [B, T, P] (input dtype): S_i = sum_t ||g_t|| ||a_t|| and alpha_i = tau sqrt(P) sum_t ||a_t||
+    with (u, tau) = kernels.linear.ROUNDED_ROWS_BOUNDS of the operand format, so that
+    ||sum_t RZ(c g_t) a_t^T - c G_i^T A_i||_F <= c u S_i + alpha_i (docs/PRIVACY.md). Both are
+    raised by the factor (1 + 2^-8), which covers the fp32 rounding of computing them (relative
+    <= (T + max(D, P)) 2^-24 <= 2^-8 for T + max(D, P) <= 2^16). Framework ops over the rows
+    (two row norms and a dot per example, O(B T (D + P)), no GEMM); a non-finite row gives a
+    non-finite term (then c_i = 0)."""
+    A, G = _check_pair(A, G)
+    u, tau = _k.ROUNDED_ROWS_BOUNDS[_k.clipped_round_dtype(A.dtype, "ieee")]
+    na = torch.linalg.vector_norm(A.float(), dim=2)  # [B, T]
+    ng = torch.linalg.vector_norm(G.float(), dim=2)  # [B, T]
+    S = torch.linalg.vecdot(na, ng)  # [B]
+    margin = 1.0 + 2.0 ** -8
+    rel = S * (u * margin) if u > 0 else torch.zeros_like(S)
+    alpha = na.sum(1) * (tau * math.sqrt(G.shape[2]) * margin) if tau > 0 else torch.zeros_like(S)
+    return rel, alpha
 
 
 # --------------------------------------------------------------------------------------------

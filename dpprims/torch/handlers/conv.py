@@ -36,6 +36,7 @@ from dpprims.bindings.torch import linear as lin_ops
 from dpprims.kernels.conv import choose_conv_norm_method, conv_norm_flops, conv_pads
 
 from .base import Capture, LayerHandler, add_grad
+from . import cpu_cost
 from .cpu_cost import choose_cpu_method, layer_costs
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
@@ -184,6 +185,14 @@ class ConvHandler(LayerHandler):
         if m.weight.requires_grad:
             if len(calls) == 1 and method == "instantiate":
                 total = total + ops.sq_rows(self._per_example(calls[0]).reshape(B, -1))
+            elif (len(calls) == 1 and method == "ghost" and plain
+                  and 4 * B * groups * D * geo.T <= cpu_cost.INSTANTIATE_MAX_BYTES):
+                # plain-torch ghost: keep the im2col for the clipped sum (one GEMM over B*T rows)
+                x, G, lo = calls[0]
+                g4, x4, G4 = ops.conv_geometry(x, G, *self._conv_args(lo))
+                sq, U = ops.ghost_sq_norms_with_im2col(x4, G4, g4)
+                self.state.step_cache["im2col"] = (U, G4, g4)
+                total = total + sq
             elif len(calls) == 1:
                 x, G, lo = calls[0]
                 total = total + ops.conv2d_weight_sq_norms(x, G, *self._conv_args(lo), method, prec)
@@ -223,6 +232,9 @@ class ConvHandler(LayerHandler):
         if m.weight.requires_grad:
             if len(calls) == 1 and "per_example" in self.state.step_cache:
                 add_grad(m.weight, ops.clipped_sum_of_rows(self._per_example(calls[0]), c))
+            elif len(calls) == 1 and "im2col" in self.state.step_cache:
+                U, G4, g4 = self.state.step_cache["im2col"]
+                add_grad(m.weight, ops.clipped_weight_grad_from_im2col(U, G4, c, g4))
             elif len(calls) == 1:
                 x, G, lo = calls[0]
                 add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *self._conv_args(lo), prec))
