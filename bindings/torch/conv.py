@@ -3,7 +3,13 @@
 Every op is a ``torch.library.custom_op`` with a fake implementation, so torch.compile traces
 through it. Backends as in ``linear.py`` (see ``_backend``): the Triton kernels on CUDA, the
 same kernels through Triton's interpreter on CPU when TRITON_INTERPRET=1, and otherwise a
-plain-torch implementation of the same math (``F.unfold`` per batch chunk).
+plain-torch implementation that follows the same plan (the CPU path): ghost norms from the
+Gram matrices of an explicit im2col and of G (batched GEMMs), direct norms from per-example
+weight gradients built by batched GEMMs or one grouped weight-gradient conv, chunked so that
+at most ~2^24 values of intermediates exist, and the clipped sum as one framework weight
+gradient of (c * G) and x. ``per_example_weight_grads``, ``clipped_sum_of_rows``,
+``ghost_sq_norms_with_im2col`` and ``clipped_weight_grad_from_im2col`` are the pieces the
+engine's "instantiate" and kept-im2col plans use (dpprims/torch/handlers/cpu_cost.py).
 
 Shapes (torch layouts, any strides: the kernels take strides, nothing is copied):
 
