@@ -597,6 +597,8 @@ def run_worker(spec: dict) -> dict:
             row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
                        traceback=traceback.format_exc()[-4000:])
     row["worker_s"] = time.perf_counter() - t_start
+    if hasattr(os, "getloadavg"):  # a shared CPU machine: how busy it was while this row ran
+        row["loadavg_1_5_15"] = list(os.getloadavg())
     return row
 
 
@@ -826,6 +828,10 @@ def cpu_markdown(res: dict) -> str:
     lines = [f"CPU end-to-end DP-SGD step, fp32, median of {res['settings']['steps']} steps after "
              f"{res['settings']['warmup']} warm-up steps, each method in its own process, one run.",
              "", f"Machine: {res['machine_line']}", "", f"Command: `{res['machine']['command']}`", ""]
+    loads = [r["loadavg_1_5_15"][0] for r in res["rows"] if r.get("loadavg_1_5_15")]
+    if loads:
+        lines += [f"Load average (1 min) at the end of each method: {min(loads):.1f}-{max(loads):.1f} on "
+                  f"{res['machine'].get('cpu_count')} cores (a shared machine: timings are noisy).", ""]
     by = {}
     for r in res["rows"]:
         by.setdefault(r["config"], []).append(r)
@@ -870,6 +876,8 @@ def _finish_cpu(args, info, rows, settings, t_run) -> int:
         info["jax_backend"] = jax.default_backend()
     except Exception:  # noqa: BLE001
         pass
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1_5_15_at_end"] = list(os.getloadavg())
     cpu_ratios(rows)
     settings.update(clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER, lr=LR, momentum=MOMENTUM,
                     optimizer="SGD momentum", wall_s=time.perf_counter() - t_run,
