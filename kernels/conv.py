@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._launch import LaunchSpec, block, cdiv, check_arch, interpreting
-from .linear import clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
+from .linear import _round_toward_zero, clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +275,67 @@ def _conv2d_clipped_weight_grad_kernel(
     tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _conv2d_clipped_weight_grad_rounded_kernel(
+    x_ptr, g_ptr, c_ptr,
+    B, GROUPS, C_in_g, H, W, W_out, T, D, P, ROWS_PER_SPLIT,
+    SH, SW, PH, PW, DH, DW,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    out_ptr,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+):
+    """out[s, g*P + P-tile, D-tile] = sum over the rows r = (i, t) of split s of
+    round_toward_zero(c_i G_i,g[t]) U_i,g[t]^T ("rounded rows", design (c), docs/PRIVACY.md).
+
+    One implicit-GEMM weight-gradient conv over the B*T output positions on tensor cores, K-blocks
+    mixing examples: c_i is fused into the G load and the scaled row rounded toward zero onto
+    ROUND_DTYPE before tl.dot. Its rounding error per example and group is at most
+    c_i u S_i,g + tau sqrt(P) sum_t ||u_t|| with S_i,g = sum_t ||g_t|| ||u_t|| (u_t the
+    im2col patch), which the engine charges to the clip factor (kernels/clip.py HAS_SLACK):
+    use it only with such factors. Rows with c_i == 0 are masked in both operands; splits own
+    whole K-blocks of rows and write their own partials (no atomics).
+    """
+    pid_gp = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_p_tiles = tl.cdiv(P, BLOCK_P)
+    grp = pid_gp // n_p_tiles
+    pid_p = pid_gp % n_p_tiles
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_grp = x_ptr + grp * C_in_g * stride_xc
+    g_grp = g_ptr + grp * P * stride_gc
+    n_rows = B * T
+    r_lo = pid_s * ROWS_PER_SPLIT
+    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, n_rows)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D]
+    for r0 in range(r_lo, r_hi, BLOCK_K):
+        r = r0 + offs_k  # [BLOCK_K] rows (example, output position)
+        in_rows = r < r_hi
+        i = (r // T).to(tl.int64)
+        t = r % T
+        c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] factor of each row's example
+        keep = in_rows & (c != 0.0)
+        go, gm = _gout_offsets(t, offs_p, T, P, W_out, stride_gc, stride_gh, stride_gw)
+        g = tl.load(g_grp + i[:, None] * stride_gb + go, mask=gm & keep[:, None], other=0.0)  # [BLOCK_K, BLOCK_P]
+        uo, um = _im2col_offsets(t, offs_d, T, D, H, W, W_out, SH, SW, PH, PW, DH, DW,
+                                 stride_xc, stride_xh, stride_xw, KH, KW)
+        u = tl.load(x_grp + i[:, None] * stride_xb + uo, mask=um & keep[:, None], other=0.0)  # [BLOCK_K, BLOCK_D]
+        y = _round_toward_zero(g.to(tl.float32) * c[:, None], ROUND_DTYPE).to(u.dtype)  # exact cast
+        if ROUND_DTYPE == "tf32":
+            u = _round_toward_zero(u, ROUND_DTYPE)
+        acc = tl.dot(tl.trans(y), u, acc, input_precision=DOT_PRECISION)
+
+    rows = grp * P + offs_p
+    out = out_ptr + pid_s.to(tl.int64) * GROUPS * P * D + rows[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+
+
 # --------------------------------------------------------------------------------------------
 # geometry (framework-neutral argument handling, shared by the bindings and the handlers)
 # --------------------------------------------------------------------------------------------
@@ -438,6 +499,30 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
                       num_warps=warps,
                       outputs={"partials": (split, geo.C_out, geo.D), "examples_per_split": examples_per_split})
+
+
+def conv2d_clipped_weight_grad_rounded_spec(geo: Conv2dGeometry, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
+    """Design (c) launch (``_conv2d_clipped_weight_grad_rounded_kernel``): tiles over
+    (groups x P, D) as design (a), the B*T rows split into slices of ``outputs["rows_per_split"]``
+    rows (a multiple of BLOCK_K, K-blocks may mix examples), each slice its own [C_out, D] fp32
+    partial summed in order by the binding. BLOCK_K 32 (the implicit-im2col address tile, as
+    design (a)); one fp32 accumulator, 128 x 128 at 8 warps on sm_90, 128 x 64 on sm_80."""
+    check_arch(arch)
+    wide = arch >= 90
+    rows = geo.B * geo.T
+    bp = block(geo.P, 128, 128)
+    bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
+    bk = block(rows, 32 if itemsize < 4 else 16, 64)
+    n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
+    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8)
+    rows_per_split = cdiv(cdiv(rows, split), bk) * bk
+    split = max(1, cdiv(rows, rows_per_split))
+    big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
+    return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
+                      constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
+                      num_warps=8 if (big and not interpreting()) else 4,
+                      outputs={"partials": (split, geo.C_out, geo.D), "rows_per_split": rows_per_split,
+                               "kernel": "_conv2d_clipped_weight_grad_rounded_kernel"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,6 +319,63 @@ def _linear_clipped_weight_grad_rank1_kernel(
 
 
 @triton.jit
+def _linear_clipped_weight_grad_rounded_kernel(
+    a_ptr, g_ptr, c_ptr,
+    B, T, D, P, ROWS_PER_SPLIT,
+    stride_ab, stride_at, stride_ad,
+    stride_gb, stride_gt, stride_gp,
+    out_ptr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+):
+    """out[s, P-tile, D-tile] = sum over the rows r = (i, t) of split s of y_r a_r^T, with
+    y_r = round_toward_zero(c_i g_{i,t}) in ROUND_DTYPE ("rounded rows").
+
+    Design (c), the rounding-aware clip factor (docs/PRIVACY.md): ONE weight-gradient GEMM over
+    the B*T rows on tensor cores, c_i fused into the G load and the scaled row rounded onto the
+    input dtype before tl.dot, so the K-blocks freely mix examples (no per-example fp32 pass
+    as in design (a)). The rounding error of example i is NOT bounded by c_i n_i alone (rows
+    can cancel): it is at most c_i u S_i + tau sqrt(P) sum_t ||a_t|| with
+    S_i = sum_t ||g_t|| ||a_t||, and the engine charges that to the clip factor (HAS_SLACK of
+    kernels/clip.py), so the contribution stays <= C. Use it only with factors computed that
+    way. The products y a of two half (or TF32-truncated) values are exact in fp32. Under the
+    interpreter bf16 operands arrive as fp32 (its bf16 dot is broken) but ROUND_DTYPE stays
+    "bf16", so CPU tests check the GPU's rounding. Rows with c_i == 0 are masked in both
+    operands (a dropped example's inf/NaN never enters). Splits own whole K-blocks of rows and
+    write their own partial (no atomics).
+    """
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_rows = B * T
+    r_lo = pid_s * ROWS_PER_SPLIT
+    r_hi = tl.minimum(r_lo + ROWS_PER_SPLIT, n_rows)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)  # [BLOCK_P, BLOCK_D]
+    for r0 in range(r_lo, r_hi, BLOCK_K):
+        r = r0 + offs_k  # [BLOCK_K] rows (example, position)
+        in_rows = r < r_hi
+        i = (r // T).to(tl.int64)
+        t = (r % T).to(tl.int64)
+        c = tl.load(c_ptr + i, mask=in_rows, other=0.0)  # [BLOCK_K] clip factor of each row's example
+        keep = in_rows & (c != 0.0)
+        g = tl.load(g_ptr + i[:, None] * stride_gb + t[:, None] * stride_gt + offs_p[None, :] * stride_gp,
+                    mask=keep[:, None] & (offs_p[None, :] < P), other=0.0)  # [BLOCK_K, BLOCK_P]
+        a = tl.load(a_ptr + i[:, None] * stride_ab + t[:, None] * stride_at + offs_d[None, :] * stride_ad,
+                    mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+        y = _round_toward_zero(g.to(tl.float32) * c[:, None], ROUND_DTYPE).to(a.dtype)  # exact cast
+        if ROUND_DTYPE == "tf32":
+            a = _round_toward_zero(a, ROUND_DTYPE)
+        acc = tl.dot(tl.trans(y), a, acc, input_precision=DOT_PRECISION)
+
+    out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+
+
+@triton.jit
 def _linear_clipped_bias_grad_kernel(
     g_ptr, c_ptr,
     B, T, P,
@@ -467,6 +524,64 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
                       constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk), num_warps=warps,
                       outputs={"partials": (split, P, D), "examples_per_split": examples_per_split,
                                "kernel": "_linear_clipped_weight_grad_kernel"})
+
+
+# Relative bound u of round-toward-zero onto each format on normal values (|RZ(x) - x| < u |x|:
+# 7 / 10 / 10 fraction bits), and an absolute bound tau per element below the smallest normal
+# (the subnormal spacing: bf16 2^-133, fp16 2^-24), raised for bf16 to 2^-126, bf16's smallest
+# normal, so that a flush of subnormals to zero anywhere (fp32 product, tensor-core operand) is
+# covered too. fp32 data ("fp32", exact fp32 products) has no rounding: u = tau = 0.
+ROUNDED_ROWS_BOUNDS = {"bf16": (2.0 ** -7, 2.0 ** -126), "fp16": (2.0 ** -10, 2.0 ** -24),
+                       "tf32": (2.0 ** -10, 2.0 ** -126), "fp32": (0.0, 0.0)}
+
+# design (c) replaces design (a) below this T: (a)'s per-example fp32 pass over the output tile
+# costs ~14.8/T of the MMA time at H100 peaks (bf16 989 vs fp32 FMA 67 TFLOP/s), > ~10% there.
+ROUNDED_ROWS_MAX_T = 128
+
+
+def choose_clipped_sum_design(T: int, dtype: str, mode: str = "exact", automatic: bool = False) -> str:
+    """Design of a layer's clipped weight-gradient sum (docs/PRIVACY.md): "rank1" (b) at T = 1,
+    else "rounded" (c) when ``mode`` allows it, else "segments" (a).
+
+    ``mode``: "exact" (design (a) for every T > 1: no utility cost, the default), "auto"
+    (design (c) for half-precision operands with 1 < T < ROUNDED_ROWS_MAX_T) or "rounded"
+    (design (c) for every half-precision T > 1; tests and benchmarks). fp32 operands always use
+    (a): they have no half rounding to save. fp16 with automatic clipping uses (a): its factor
+    can exceed 1, and c_i g_t could then saturate at 65504, which the slack does not bound."""
+    if mode not in ("exact", "auto", "rounded"):
+        raise ValueError(f"clipped_sum must be 'exact', 'auto' or 'rounded', got {mode!r}")
+    if T == 1:
+        return "rank1"
+    fmt = clipped_round_dtype(dtype, "ieee")
+    if mode == "exact" or fmt == "fp32" or (fmt == "fp16" and automatic):
+        return "segments"
+    if mode == "auto" and T >= ROUNDED_ROWS_MAX_T:
+        return "segments"
+    return "rounded"
+
+
+def linear_clipped_weight_grad_rounded_spec(B: int, T: int, D: int, P: int, arch: int = 90,
+                                            itemsize: int = 2) -> LaunchSpec:
+    """Launch of ``_linear_clipped_weight_grad_rounded_kernel`` (design (c)): the T = 1 rank-one
+    spec's tiles over the B*T rows (one GEMM, K-blocks may mix examples); rows split into slices
+    of ``outputs["rows_per_split"]`` rows (a multiple of BLOCK_K), each its own fp32 partial.
+    128 x 128 tiles with 8 warps like the rank-one build (one fp32 accumulator; wgmma)."""
+    check_arch(arch)
+    rows = B * T
+    bp = block(P, 128, 128)
+    bd = block(D, 128, 128)
+    bk = block(rows, 64 if itemsize < 4 else 32, 128)
+    if not interpreting() and arch < 90:
+        bk = min(bk, 32)
+    n_tiles = cdiv(P, bp) * cdiv(D, bd)
+    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8)
+    rows_per_split = cdiv(cdiv(rows, split), bk) * bk
+    split = max(1, cdiv(rows, rows_per_split))
+    return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
+                      constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
+                      num_warps=8 if (bp * bd >= 128 * 128 and not interpreting()) else 4,
+                      outputs={"partials": (split, P, D), "rows_per_split": rows_per_split,
+                               "kernel": "_linear_clipped_weight_grad_rounded_kernel"})
 
 
 def linear_clipped_bias_grad_spec(B: int, T: int, P: int) -> LaunchSpec:

@@ -49,6 +49,8 @@ _SCRIPT = textwrap.dedent(r'''
                 N.normal_pair_from_words(meta(5, 100, dt=torch.int32))
             with kr.layer_label("<clip factors: mask, automatic>"):
                 L.clip_factors(meta(7), meta(7, dt=torch.bool), meta(1), True, 0.01)
+            with kr.layer_label("<clip factors: rounding slack>"):
+                L.clip_factors(meta(7), None, meta(1), False, 0.01, meta(2, 7))
             for opt in ("adam", "adamw"):
                 p = meta(300); p.grad = meta(300)
                 with kr.layer_label(f"<{opt}>"):
@@ -60,11 +62,13 @@ _SCRIPT = textwrap.dedent(r'''
                     for m in ("ghost", "direct"):
                         L.linear_weight_sq_norms(A, G, m)
                     L.linear_clipped_weight_grad(A, G, c)
+                    L.linear_clipped_weight_grad(A, G, c, "ieee", "rounded")  # design (c)
                 x, g = meta(3, 8, 9, 9, dt=dt), meta(3, 8, 9, 9, dt=dt)
                 with kr.layer_label(f"<conv groups=2 {dt}>"):
                     for m in ("ghost", "direct"):
                         C.conv2d_weight_sq_norms(x, g, [3, 3], [1, 1], [1, 1], [1, 1], 2, m)
                     C.conv2d_clipped_weight_grad(x, g, c, [3, 3], [1, 1], [1, 1], [1, 1], 2)
+                    C.conv2d_clipped_weight_grad(x, g, c, [3, 3], [1, 1], [1, 1], [1, 1], 2, "ieee", "rounded")
                     C.conv2d_bias_grads(g)
         return ls
 

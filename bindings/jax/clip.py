@@ -102,9 +102,12 @@ def clip_factor_call(sq, mask, C, automatic: bool, gamma: float) -> KernelCall:
     # HAS_MASK=False reads no mask: a one-element dummy buffer, never a null pointer.
     m = mask if mask is not None else jnp.zeros((1,), jnp.int8)
     return KernelCall(_kclip._clip_factor_kernel, spec.grid,
-                      inputs=dict(sq_norm_ptr=sq, mask_ptr=m, max_norm_ptr=C, B=B,
+                      # HAS_SLACK=False (the JAX engine keeps design (a)): a dummy slack buffer
+                      inputs=dict(sq_norm_ptr=sq, mask_ptr=m, slack_ptr=jnp.zeros((1,), jnp.float32),
+                                  max_norm_ptr=C, B=B,
                                   # np.float32: jax-triton types a Python float as fp64, torch as fp32
                                   gamma=np.float32(gamma)),
                       outputs=dict(factor_ptr=f32((B,)), norm_ptr=f32((B,))),
-                      constexprs=dict(spec.constexprs, HAS_MASK=mask is not None, AUTOMATIC=bool(automatic)),
+                      constexprs=dict(spec.constexprs, HAS_MASK=mask is not None, HAS_SLACK=False,
+                                      AUTOMATIC=bool(automatic)),
                       num_warps=spec.num_warps, name="clip_factors")

@@ -27,10 +27,13 @@ example with inf/NaN values contributes exactly nothing.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from dpprims.kernels import conv as _k
+from dpprims.kernels import linear as _kl
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._backend import empty, record
@@ -124,14 +127,21 @@ def _(x, G, kernel_size, stride, padding, dilation, groups, method, precision="i
 @torch.library.custom_op("dpprims::conv2d_clipped_weight_grad", mutates_args=())
 def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor, kernel_size: list[int],
                                stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                               precision: str = "ieee") -> torch.Tensor:
+                               precision: str = "ieee", design: str = "auto") -> torch.Tensor:
     """sum_i c_i dW_i in the weight layout [C_out, C_in/groups, *kernel_size] (fp32): an
     implicit-GEMM weight-gradient conv on tensor cores in the input dtype, one example at a
     time, each example's unscaled fp32 tile G_i^T U_i scaled by c_i afterwards (design (a),
     docs/PRIVACY.md), so its contribution has exactly the norm the norm pass measured.
-    Examples with c_i == 0 are skipped, never multiplied; B = 0 gives zeros."""
+    Examples with c_i == 0 are skipped, never multiplied; B = 0 gives zeros.
+
+    ``design="rounded"`` (design (c)): one implicit-GEMM over the B*T output positions with
+    c_i g_t rounded toward zero onto the input dtype; its contribution exceeds c_i ||dW_i|| by
+    up to the ``conv2d_rounded_rows_slack`` terms, so only for factors that charge them
+    (``clip_factors(..., slack=...)``). The plain-torch path computes it in fp32."""
     geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
     _check_factors(c, geo.B, x)
+    if design not in ("auto", "rounded"):
+        raise ValueError(f"design must be 'auto' (design (a)) or 'rounded' (design (c)), got {design!r}")
     prec = _dot_precision(x, precision)
     wshape = (geo.C_out, geo.C_in_g, *kernel_size)
     if geo.B == 0 or geo.T == 0:
@@ -139,6 +149,16 @@ def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor
     backend = record("conv2d_clipped_weight_grad", x)
     if backend == "torch":
         return _torch_clipped_weight_grad(x4, G4, c, geo).view(wshape)
+    if design == "rounded":
+        spec = _k.conv2d_clipped_weight_grad_rounded_spec(geo, arch=_arch(x), itemsize=x.element_size())
+        partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
+        xk, Gk = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
+        _launch(_k._conv2d_clipped_weight_grad_rounded_kernel, spec, xk, Gk, c,
+                geo.B, *geo.scalars(), spec.outputs["rows_per_split"], *geo.conv_scalars(),
+                *xk.stride(), *Gk.stride(), partials, DOT_PRECISION=prec,
+                ROUND_DTYPE=_kl.clipped_round_dtype(x.dtype, precision))
+        out = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+        return out.view(wshape)
     spec = _k.conv2d_clipped_weight_grad_spec(geo, arch=_arch(x), itemsize=x.element_size())
     partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
     x4, G4 = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
@@ -150,8 +170,35 @@ def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor
 
 
 @conv2d_clipped_weight_grad.register_fake
-def _(x, G, c, kernel_size, stride, padding, dilation, groups, precision="ieee"):
+def _(x, G, c, kernel_size, stride, padding, dilation, groups, precision="ieee", design="auto"):
     return x.new_empty((G.shape[1], x.shape[1] // groups, *kernel_size), dtype=torch.float32)
+
+
+def conv2d_rounded_rows_slack(x: torch.Tensor, G: torch.Tensor, kernel_size, stride, padding, dilation,
+                              groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (rho_i, alpha_i) [B] fp32 of a design-(c) conv clipped sum (docs/PRIVACY.md):
+    per group g, S_i,g = sum_t ||g_t,g|| ||u_t,g|| (u_t,g the im2col patch of output position
+    t, g_t,g the group's P output channels there) and alpha_i,g = tau sqrt(P) sum_t ||u_t,g||;
+    the groups' errors are orthogonal blocks of the weight, so they combine in quadrature:
+    rho_i = u sqrt(sum_g S_i,g^2), alpha_i = sqrt(sum_g alpha_i,g^2). ||u_t,g||^2 is a conv of
+    x^2 with a ones kernel of the layer's (KH, KW), stride, padding and dilation, summed over the
+    group's channels (one grouped conv, no im2col); both terms carry the (1 + 2^-8) margin of
+    ``linear.rounded_rows_slack`` (fp32 rounding, and TF32 if cuDNN runs that conv in TF32)."""
+    geo, x4, G4 = conv_geometry(x, G, kernel_size, stride, padding, dilation, groups)
+    u, tau = _kl.ROUNDED_ROWS_BOUNDS[_kl.clipped_round_dtype(x.dtype, "ieee")]
+    B, grp, P = geo.B, geo.groups, geo.P
+    x2 = x4.float().square()
+    # zero-pad low by (PH, PW) and high generously, then a padding-0 conv cropped to H_out x W_out
+    x2 = F.pad(x2, (geo.PW, geo.PW + geo.KW * geo.DW, geo.PH, geo.PH + geo.KH * geo.DH))
+    ones = x2.new_ones(grp, geo.C_in_g, geo.KH, geo.KW)
+    usq = F.conv2d(x2, ones, stride=(geo.SH, geo.SW), dilation=(geo.DH, geo.DW), groups=grp)
+    un = usq[:, :, :geo.H_out, :geo.W_out].clamp(min=0).sqrt().reshape(B, grp, geo.T)  # [B, groups, T]
+    gn = torch.linalg.vector_norm(G4.float().reshape(B, grp, P, geo.T), dim=2)  # [B, groups, T]
+    margin = 1.0 + 2.0 ** -8
+    S = (un * gn).sum(2)  # [B, groups]
+    rho = torch.linalg.vector_norm(S, dim=1) * (u * margin)
+    alpha = torch.linalg.vector_norm(un.sum(2), dim=1) * (tau * math.sqrt(P) * margin)
+    return rho, alpha
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,16 +188,25 @@ def _check_factors(c: torch.Tensor, B: int, like: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("dpprims::linear_clipped_weight_grad", mutates_args=())
-def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
+def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, precision: str = "ieee",
+                               design: str = "auto") -> torch.Tensor:
     """sum_i c_i G_i^T A_i [P, D] (fp32), on tensor cores in the input dtype, with every
     example's contribution of norm <= c_i ||G_i^T A_i|| as the norm pass measured it
     (docs/PRIVACY.md): T > 1 multiplies each example's unscaled tiles into an fp32 tile and
     then scales it by c_i (design (a)); T = 1 rounds c_i g_i toward zero onto the input dtype
-    (design (b), rank one). Examples with c_i == 0 are skipped / masked, never multiplied."""
+    (design (b), rank one). Examples with c_i == 0 are skipped / masked, never multiplied.
+
+    ``design="rounded"`` (T > 1, design (c)): one GEMM over the B*T rows with c_i g_t rounded
+    toward zero onto the input dtype. Its contribution exceeds c_i ||G_i^T A_i|| by up to
+    c_i u S_i + tau sqrt(P) sum_t ||a_t|| (``rounded_rows_slack``): only for factors from
+    ``clip_factors(..., slack=...)`` that charge it. The plain-torch path computes it in fp32
+    (no rounding: the bound holds with room)."""
     A, G = _check_pair(A, G)
     B, T, D = A.shape
     P = G.shape[2]
     _check_factors(c, B, A)
+    if design not in ("auto", "rounded"):
+        raise ValueError(f"design must be 'auto' (designs (a)/(b)) or 'rounded' (design (c)), got {design!r}")
     prec = _dot_precision(A, precision)
     if B == 0 or T == 0:
         return A.new_zeros(P, D, dtype=torch.float32)
@@ -214,7 +223,13 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
     spec = _k.linear_clipped_weight_grad_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
     partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     A_k, G_k = interpreter_safe(A, backend), interpreter_safe(G, backend)
-    if T == 1:  # design (b): c_i g_i rounded toward zero onto the INPUT dtype (bf16 kept under the interpreter)
+    if design == "rounded" and T > 1:  # design (c): one GEMM over the B*T rows, c_i g_t rounded toward zero
+        spec = _k.linear_clipped_weight_grad_rounded_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
+        partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+        _launch(_k._linear_clipped_weight_grad_rounded_kernel, spec, A_k, G_k, c,
+                B, T, D, P, spec.outputs["rows_per_split"], *A_k.stride(), *G_k.stride(),
+                partials, DOT_PRECISION=prec, ROUND_DTYPE=_k.clipped_round_dtype(A.dtype, precision))
+    elif T == 1:  # design (b): c_i g_i rounded toward zero onto the INPUT dtype (bf16 kept under the interpreter)
         _launch(_k._linear_clipped_weight_grad_rank1_kernel, spec, A_k, G_k, c,
                 B, D, P, spec.outputs["rows_per_split"], A_k.stride(0), A_k.stride(2),
                 G_k.stride(0), G_k.stride(2), partials, DOT_PRECISION=prec,
@@ -227,7 +242,7 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
 
 
 @linear_clipped_weight_grad.register_fake
-def _(A, G, c, precision="ieee"):
+def _(A, G, c, precision="ieee", design="auto"):
     return A.new_empty(G.shape[-1], A.shape[-1], dtype=torch.float32)
 
 
@@ -293,22 +308,32 @@ def check_max_grad_norm(max_grad_norm: float, clipping: str) -> float:
 
 @torch.library.custom_op("dpprims::clip_factors", mutates_args=())
 def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_norm: torch.Tensor,
-                 automatic: bool, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 automatic: bool, gamma: float, slack: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(c [B], n [B]) from per-example squared norms; see dpprims.kernels.clip for the contract
-    (mask 0 -> 0, non-finite -> 0). ``max_grad_norm`` is a one-element fp32 tensor."""
+    (mask 0 -> 0, non-finite -> 0). ``max_grad_norm`` is a one-element fp32 tensor.
+    ``slack``: optional [2, B] fp32 (rho, alpha) of the rounding-aware factor (design (c),
+    docs/PRIVACY.md): c_i (n_i + rho_i) + alpha_i <= C."""
     B = sq_norms.shape[0]
     if sq_norms.dim() != 1:
         raise ValueError(f"sq_norms must be [B], got {tuple(sq_norms.shape)}")
     if mask is not None and mask.shape != (B,):
         raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
+    if slack is not None and slack.shape != (2, B):
+        raise ValueError(f"slack must have shape [2, B] = [2, {B}] (rho, alpha), got {tuple(slack.shape)}")
     if B == 0:
         return sq_norms.new_zeros(0, dtype=torch.float32), sq_norms.new_zeros(0, dtype=torch.float32)
     backend = record("clip_factors", sq_norms)
     if backend == "torch":
         n = sq_norms.float().sqrt()
         C = max_grad_norm.float().reshape(())
-        c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
         keep = torch.isfinite(n)
+        if slack is None:
+            c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
+        else:
+            rho, alpha = slack.float()[0], slack.float()[1]
+            keep = keep & torch.isfinite(rho) & torch.isfinite(alpha)
+            c = (torch.clamp(C - alpha, min=0.0) / (n + rho + gamma) if automatic
+                 else torch.clamp((C - alpha) / (n + rho + _kclip.FLAT_EPS), min=0.0, max=1.0))
         if mask is not None:
             keep = keep & (mask != 0)
         return torch.where(keep, c, 0.0), n
@@ -318,12 +343,13 @@ def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_nor
     m = mask if mask is not None else sq_norms  # dummy buffer when HAS_MASK is False
     if m.dtype == torch.bool:
         m = m.to(torch.uint8)
-    _launch(_kclip._clip_factor_kernel, spec, sq_norms.float().contiguous(), m.contiguous(),
+    sl = slack.float().contiguous() if slack is not None else sq_norms  # dummy when HAS_SLACK is False
+    _launch(_kclip._clip_factor_kernel, spec, sq_norms.float().contiguous(), m.contiguous(), sl,
             max_grad_norm.float().reshape(1), B, float(gamma), c, n,
-            HAS_MASK=mask is not None, AUTOMATIC=bool(automatic))
+            HAS_MASK=mask is not None, HAS_SLACK=slack is not None, AUTOMATIC=bool(automatic))
     return c, n
 
 
 @clip_factors.register_fake
-def _(sq_norms, mask, max_grad_norm, automatic, gamma):
+def _(sq_norms, mask, max_grad_norm, automatic, gamma, slack=None):
     return sq_norms.new_empty(sq_norms.shape, dtype=torch.float32), sq_norms.new_empty(sq_norms.shape, dtype=torch.float32)

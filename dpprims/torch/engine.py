@@ -42,6 +42,7 @@ from .handlers import HANDLERS, handler_for
 
 _BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 _NORM_METHODS = ("auto", "ghost", "direct", "instantiate")
+_CLIPPED_SUMS = ("exact", "auto", "rounded")
 
 
 class DPEngine:
@@ -64,11 +65,22 @@ class DPEngine:
         precision: tl.dot precision for fp32 operands: "ieee" (default) or "tf32x3" (near-fp32
             on tensor cores). Plain TF32 is refused: its rounding can push a clipped
             contribution past max_grad_norm.
+        clipped_sum: design of the half-precision clipped weight-gradient sums of Linear and
+            Conv layers with T > 1 (docs/PRIVACY.md): "exact" (default; design (a), c_i applied to
+            each example's fp32 tile after the MMA, no utility cost), "auto" (design (c) for
+            bf16/fp16 operands with T < kernels.linear.ROUNDED_ROWS_MAX_T: one GEMM over the
+            B*T rows with c_i g_t rounded onto the input dtype, and clip factors that charge
+            the rounding, c_i = min(1, (C - alpha_i) / (n_i + rho_i)); every contribution stays
+            <= C and c_i is a little smaller, by rho_i / n_i, reported as
+            ``last_stats["rounding_slack"]``), or "rounded" (design (c) at every T > 1). The
+            same for Conv1d/Conv2d layers (T = H_out W_out; single-call layers). Only the Triton
+            backends use (c); fp32 operands, T = 1, fp16 with automatic clipping, and the
+            plain-torch path keep designs (a)/(b). ``plan()`` shows each layer's design.
     """
 
     def __init__(self, model: torch.nn.Module, max_grad_norm: float, *, clipping: str = "flat",
                  gamma: float = 0.01, norm_method="auto", loss_reduction: str = "sum",
-                 precision: str = "ieee") -> None:
+                 precision: str = "ieee", clipped_sum: str = "exact") -> None:
         self.max_grad_norm = check_max_grad_norm(max_grad_norm, clipping)
         self.clipping = clipping
         self.gamma = float(gamma)
@@ -87,6 +99,9 @@ class DPEngine:
             raise ValueError(f"precision must be 'ieee' or 'tf32x3' (plain tf32 can let a clipped "
                              f"contribution exceed max_grad_norm), got {precision!r}")
         self.precision = precision
+        if clipped_sum not in _CLIPPED_SUMS:
+            raise ValueError(f"clipped_sum must be one of {_CLIPPED_SUMS}, got {clipped_sum!r}")
+        self.clipped_sum = clipped_sum
         self.model = model
         self.handlers = self._build_handlers(model)
         unknown = set(self._norm_overrides) - {h.name for h in self.handlers}
@@ -193,12 +208,20 @@ class DPEngine:
                 sq = sq + h.sq_norms(B)
             if scale != 1.0:
                 sq = sq * (scale * scale)
+            # design (c) layers: rho_i = sqrt(sum_l (u S_i^l)^2), alpha_i = sqrt(sum_l (alpha_i^l)^2)
+            # (Minkowski over layers, docs/PRIVACY.md); rho scales with G like the norm
+            slacks = [sl for sl in (h.rounding_slack(B) for h, _ in active) if sl is not None]
+            slack = None
+            if slacks:
+                rho = torch.stack([r.float() for r, _ in slacks]).square().sum(0).sqrt() * scale
+                alpha = torch.stack([a.float() for _, a in slacks]).square().sum(0).sqrt()
+                slack = torch.stack([rho, alpha])
             if mask is not None:
                 mask = torch.as_tensor(mask, device=device)
                 if mask.shape != (B,):
                     raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
             C = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
-            c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma)
+            c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma, slack)
             c_eff = c * scale if scale != 1.0 else c
             for h, _ in active:
                 h.accumulate_clipped(c_eff)
@@ -210,6 +233,12 @@ class DPEngine:
             self.last_stats = dict(batch_size=B, nonfinite=nonfinite,
                                    clipped=((norms > self.max_grad_norm) & valid).sum(),
                                    backends=dict(_backend.LAST_BACKEND))
+            if slack is not None:
+                # mean over the valid examples with 0 < n_i < inf of rho_i / n_i: how much
+                # smaller design (c) made the clip factors of the examples it clipped
+                ok = valid & torch.isfinite(norms) & (norms > 0)
+                ratio = torch.where(ok, slack[0] / torch.where(ok, norms, 1.0), 0.0)
+                self.last_stats["rounding_slack"] = ratio.sum() / ok.sum().clamp(min=1)
             return norms
         finally:
             for h in self.handlers:
@@ -233,7 +262,9 @@ class DPEngine:
     # -- inspection ------------------------------------------------------------------------
     def plan(self) -> list:
         """Per-layer plan of the last backward: layer, kind, T, d, p, method, flops and bytes of
-        the norm pass vs the weight-gradient GEMM (None for layers not yet run)."""
+        the norm pass vs the weight-gradient GEMM, and for Linear / Conv layers ``clipped_sum``, the
+        design of the clipped sum ("segments" (a), "rank1" (b), "rounded" (c); None for layers
+        not yet run)."""
         return [h.plan() or dict(layer=h.name, kind=h.kind) for h in self.handlers]
 
     def format_plan(self) -> str:
@@ -243,7 +274,7 @@ class DPEngine:
         clipped sum, dpprims.torch.handlers.cpu_cost)."""
         rows = self.plan()
         head = (f"{'layer':<24}{'kind':<10}{'T':>6}{'d':>7}{'p':>6}  {'method':<12}"
-                f"{'norm GF':>9}{'wgrad GF':>9}{'norm MB':>9}{'wgrad MB':>9}{'GF ratio':>9}{'CPU ms':>9}")
+                f"{'norm GF':>9}{'wgrad GF':>9}{'norm MB':>9}{'wgrad MB':>9}{'GF ratio':>9}{'CPU ms':>9}  sum")
         lines = [head]
         tot = dict(norm_flops=0, weight_grad_flops=0, norm_bytes=0, weight_grad_bytes=0)
         for r in rows:
@@ -256,7 +287,8 @@ class DPEngine:
                          f"{r['norm_flops'] / 1e9:>9.3f}{r['weight_grad_flops'] / 1e9:>9.3f}"
                          f"{r.get('norm_bytes', 0) / 1e6:>9.2f}{r.get('weight_grad_bytes', 0) / 1e6:>9.2f}"
                          f"{r['norm_flops'] / max(1, r['weight_grad_flops']):>9.3f}"
-                         + (f"{r['cpu_ms'][r['method']]:>9.2f}" if r['method'] in r.get('cpu_ms', {}) else f"{'-':>9}"))
+                         + (f"{r['cpu_ms'][r['method']]:>9.2f}" if r['method'] in r.get('cpu_ms', {}) else f"{'-':>9}")
+                         + f"  {_DESIGN_LABEL.get(r.get('clipped_sum'), '-')}")
         lines.append(f"{'total':<24}{'':<10}{'':>6}{'':>7}{'':>6}  {'':<12}"
                      f"{tot['norm_flops'] / 1e9:>9.3f}{tot['weight_grad_flops'] / 1e9:>9.3f}"
                      f"{tot['norm_bytes'] / 1e6:>9.2f}{tot['weight_grad_bytes'] / 1e6:>9.2f}"
@@ -272,6 +304,10 @@ class DPEngine:
             hk.remove()
         self._hooks.clear()
         return self.model
+
+
+# plan()/format_plan(): the clipped-sum design of each Linear / Conv layer (docs/PRIVACY.md)
+_DESIGN_LABEL = {"segments": "(a)", "rank1": "(b)", "rounded": "(c)"}
 
 
 def _detect_mean(loss: torch.Tensor) -> bool:

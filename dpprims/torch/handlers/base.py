@@ -107,6 +107,12 @@ class LayerHandler:
         computed from the captured (unscaled) output gradients."""
         raise NotImplementedError
 
+    def rounding_slack(self, B: int):
+        """(rho [B], alpha [B]) fp32 of this layer's rounded clipped sum (design (c),
+        docs/PRIVACY.md): its contribution may exceed c_i times the measured norm by at most
+        c_i rho_i + alpha_i. None (the default) when the clipped sum needs no slack."""
+        return None
+
     def accumulate_clipped(self, c: torch.Tensor) -> None:  # pragma: no cover - abstract
         """Add sum_i c_i g_i into each trainable parameter's .grad."""
         raise NotImplementedError

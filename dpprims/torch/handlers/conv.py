@@ -34,6 +34,7 @@ from dpprims.bindings.torch import _backend
 from dpprims.bindings.torch import conv as ops
 from dpprims.bindings.torch import linear as lin_ops
 from dpprims.kernels.conv import choose_conv_norm_method, conv_norm_flops, conv_pads
+from dpprims.kernels.linear import choose_clipped_sum_design
 
 from .base import Capture, LayerHandler, add_grad
 from . import cpu_cost
@@ -204,16 +205,33 @@ class ConvHandler(LayerHandler):
                         U[:, :, g * D:(g + 1) * D], Gc[:, :, g * P:(g + 1) * P], lmethod, prec)
         if m.bias is not None and m.bias.requires_grad:
             total = total + self._bias_grads(calls).square().sum(dim=1)
+        # clipped-sum design (docs/PRIVACY.md): (c) "rounded" for a single-call layer on the
+        # Triton backends when the engine's clipped_sum allows it, else (a)
+        design = "segments"
+        if m.weight.requires_grad and not plain and len(calls) == 1 and method != "instantiate":
+            design = choose_clipped_sum_design(T, str(calls[0][0].dtype), self.engine.clipped_sum,
+                                               self.engine.clipping == "automatic")
+            design = "segments" if design == "rank1" else design
+        self.state.step_cache["design"] = design
         costs = conv_norm_flops(T, D, P, groups)
         esize = calls[0][0].element_size()
         io = sum(x.numel() + G.numel() for x, G, _ in calls) * esize
         self.last_plan = dict(layer=self.name, kind=self.kind, T=T, d=D, p=P, groups=groups, method=method,
+                              clipped_sum=design,
                               calls=len(calls), norm_flops=B * costs["direct" if method == "instantiate" else method],
                               weight_grad_flops=2 * B * T * D * P * groups,
                               norm_bytes=io, weight_grad_bytes=io + 4 * groups * D * P)
         if plain:
             self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in layer_costs(B, T, D, P, groups, conv=True).items()}
         return total
+
+    def rounding_slack(self, B: int):
+        """(rho_i, alpha_i) [B] of this layer's design-(c) clipped sum (per group, combined in
+        quadrature: ops.conv2d_rounded_rows_slack), or None; valid after ``sq_norms``."""
+        if self.state.step_cache.get("design") != "rounded":
+            return None
+        x, G, lo = self._calls()[0]
+        return ops.conv2d_rounded_rows_slack(x, G, *self._conv_args(lo))
 
     def _per_example(self, call) -> torch.Tensor:
         """The per-example weight gradients [B, C_out, D] of a single-call layer (plain-torch
@@ -237,7 +255,8 @@ class ConvHandler(LayerHandler):
                 add_grad(m.weight, ops.clipped_weight_grad_from_im2col(U, G4, c, g4))
             elif len(calls) == 1:
                 x, G, lo = calls[0]
-                add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *self._conv_args(lo), prec))
+                design = "rounded" if self.state.step_cache.get("design") == "rounded" else "auto"
+                add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *self._conv_args(lo), prec, design))
             else:
                 U, Gc = self._unfolded_pairs(calls)
                 geo = ops.conv_geometry(calls[0][0], calls[0][1], *self._conv_args(calls[0][2]))[0]

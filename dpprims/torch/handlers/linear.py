@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dpprims.bindings.torch import _backend
 from dpprims.bindings.torch import linear as ops
 from dpprims.bindings.torch.conv import clipped_sum_of_rows, sq_rows
-from dpprims.kernels.linear import choose_norm_method, norm_flops
+from dpprims.kernels.linear import choose_clipped_sum_design, choose_norm_method, norm_flops
 
 from .base import Capture, LayerHandler, add_grad
 from .cpu_cost import choose_cpu_method, layer_costs
@@ -93,8 +93,16 @@ class LinearHandler(LayerHandler):
             total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
         if m.bias is not None and m.bias.requires_grad:
             total = total + ops.linear_bias_sq_norms(G)
+        # clipped-sum design (docs/PRIVACY.md): (c) "rounded" only on the Triton backends (the
+        # plain-torch path sums in fp32: nothing to gain, only the slack's utility cost)
+        design = "rank1" if T == 1 else "segments"
+        if m.weight.requires_grad and not plain and method != "instantiate":
+            design = choose_clipped_sum_design(T, str(A.dtype), self.engine.clipped_sum,
+                                               self.engine.clipping == "automatic")
+        self.state.step_cache["design"] = design
         costs = norm_flops(T, D, P)
         self.last_plan = dict(layer=self.name, kind=self.kind, T=T, d=D, p=P, method=method,
+                              clipped_sum=design,
                               norm_flops=Bc * costs["direct" if method == "instantiate" else method],
                               weight_grad_flops=2 * Bc * T * D * P,
                               norm_bytes=Bc * T * (D + P) * A.element_size(),
@@ -102,6 +110,14 @@ class LinearHandler(LayerHandler):
         if plain:
             self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in layer_costs(Bc, T, D, P, conv=False).items()}
         return total
+
+    def rounding_slack(self, B: int):
+        """(u S_i, alpha_i) [B] of this layer's design-(c) clipped sum, or None (designs (a)/(b)
+        need no slack); valid after ``sq_norms``."""
+        if self.state.step_cache.get("design") != "rounded":
+            return None
+        A, G = self._pairs()
+        return ops.rounded_rows_slack(A, G)
 
     def _per_example(self) -> torch.Tensor:
         """Per-example weight gradients G_i^T A_i [B, p, d] (fp32; plain-torch "instantiate"),
@@ -118,6 +134,7 @@ class LinearHandler(LayerHandler):
         if m.weight.requires_grad and "per_example" in self.state.step_cache:
             add_grad(m.weight, clipped_sum_of_rows(self._per_example(), c))
         elif m.weight.requires_grad:
-            add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, self.engine.precision))
+            design = "rounded" if self.state.step_cache.get("design") == "rounded" else "auto"
+            add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, self.engine.precision, design))
         if m.bias is not None and m.bias.requires_grad:
             add_grad(m.bias, ops.linear_clipped_bias_grad(G, c))
