@@ -797,6 +797,10 @@ def cpu_ratios(rows: list[dict]) -> None:
             base = ms.get(_NONPRIVATE[r.get("framework", "torch")])
             if base and base.get("examples_per_s") and base is not r:
                 r["ratio_vs_nonprivate"] = eps / base["examples_per_s"]
+                if r.get("step_ms_all") and base.get("step_ms_all"):
+                    # fastest step over fastest step: on a shared machine other jobs only ever add
+                    # time, so this is the less load-dependent estimate (reported beside the median)
+                    r["ratio_vs_nonprivate_fastest"] = min(base["step_ms_all"]) / min(r["step_ms_all"])
             for other in ("opacus-hooks", "opacus-ghost", "jax-vmap"):
                 o = ms.get(other)
                 if (o and o is not r and o.get("examples_per_s") and o.get("framework") == r.get("framework")
@@ -838,12 +842,12 @@ def cpu_markdown(res: dict) -> str:
     for cfg, rows in by.items():
         c = res["settings"]["configs"][cfg]
         lines += [f"### {cfg} ({c['model']}, batch {c['batch']})", "",
-                  "| method | step ms (median, p10-p90) | examples/s | vs non-private | vs Opacus hooks / vmap "
-                  "| noise + update ms (share of step) |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | step ms (median, p10-p90) | examples/s | vs non-private | vs non-private (fastest "
+                  "steps) | vs Opacus hooks / vmap | noise + update ms (share of step) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("status") != "ok":
-                lines.append(f"| {r['method']} | {r.get('status')}: {str(r.get('reason', ''))[:90]} | | | | |")
+                lines.append(f"| {r['method']} | {r.get('status')}: {str(r.get('reason', ''))[:90]} | | | | | |")
                 continue
             vs = r.get("speedup_vs_opacus-hooks", r.get("speedup_vs_jax-vmap"))
             nu = (r.get("notes") or {}).get("noise_update_ms")
@@ -851,6 +855,7 @@ def cpu_markdown(res: dict) -> str:
                 f"| {r['method']} | {r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f}) "
                 f"| {r['examples_per_s']:.1f} | "
                 + (f"{r['ratio_vs_nonprivate']:.2f}x" if r.get("ratio_vs_nonprivate") else "-") + " | "
+                + (f"{r['ratio_vs_nonprivate_fastest']:.2f}x" if r.get("ratio_vs_nonprivate_fastest") else "-") + " | "
                 + (f"{vs:.2f}x" if vs else "-") + " | "
                 + (f"{nu:.1f} ({100 * r['noise_update_share']:.0f}%)" if nu is not None else "-") + " |")
         lines.append("")

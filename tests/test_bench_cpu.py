@@ -22,7 +22,8 @@ import e2e  # noqa: E402
 def _row(cfg, method, ms, **kw):
     fw = "jax" if method.startswith(("jax", "dpprims-jax")) else "torch"
     r = dict(config=cfg, method=method, framework=fw, status="ok", batch=32, step_ms_median=ms,
-             step_ms_p10=ms * 0.9, step_ms_p90=ms * 1.1, examples_per_s=32 / (ms * 1e-3), notes={})
+             step_ms_p10=ms * 0.9, step_ms_p90=ms * 1.1, examples_per_s=32 / (ms * 1e-3), notes={},
+             step_ms_all=[ms * 1.1, ms, ms * 0.8])
     r.update(kw)
     return r
 
@@ -38,6 +39,7 @@ def test_cpu_ratios_and_targets_from_rows():
     assert abs(by["dpprims-torch"]["ratio_vs_nonprivate"] - 100 / 180) < 1e-12
     assert abs(by["dpprims-torch"]["speedup_vs_opacus-hooks"] - 400 / 180) < 1e-12
     assert abs(by["dpprims-torch"]["noise_update_share"] - 0.1) < 1e-12
+    assert abs(by["dpprims-torch"]["ratio_vs_nonprivate_fastest"] - 80 / 144) < 1e-12
     assert abs(by["dpprims-jax"]["speedup_vs_jax-vmap"] - 200 / 90) < 1e-12
     assert "speedup_vs_opacus-hooks" not in by["dpprims-jax"]  # baselines stay within a framework
     assert "ratio_vs_nonprivate" not in by["torch-nonprivate"]
@@ -55,6 +57,7 @@ def test_cpu_ratios_and_targets_from_rows():
     md = e2e.cpu_markdown(res)
     assert "CPU only (test)" in md and "`python bench/e2e.py --device cpu`" in md
     assert "| dpprims-torch | 180.0 (162.0-198.0) |" in md and "18.0 (10%)" in md
+    assert "| 0.56x | 0.56x | 2.22x |" in md
     assert "| dpprims-jax | failed: boom |" in md and "missed" in md
 
 
