@@ -488,3 +488,18 @@ def test_small_transformer_matches_loop(norm):
     assert tok(torch.randint(0, 11, (2, 9))).shape == (2, 3)
     with pytest.raises(ValueError, match="input_size"):
         get_model("transformer")
+
+
+def test_cli_trains_the_transformer(capsys):
+    """`dpprims train --model transformer` wires the image size through to the model (a few
+    steps on sklearn digits; the measured full run is in the model's docstring / report)."""
+    import json
+
+    from dpprims.cli import main
+
+    with plain_torch_path():  # the interpreter would make even 3 steps slow
+        assert main(["train", "--model", "transformer", "--data", "digits", "--width", "8", "--epochs", "0.4",
+                     "--no-progress", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["model"] == "transformer" and out["steps"] >= 1 and 0.0 <= out["test_accuracy"] <= 1.0
+    assert np.isfinite(out["epsilon"]) and out["epsilon"] > 0
