@@ -466,11 +466,11 @@ def test_conv_rounded_rows_kernel_matches_its_emulation(B, C_in, H, W, C_out, k,
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("mode", ["auto", "exact"])
+@pytest.mark.parametrize("mode", ["rounded", "auto", "exact"])
 def test_conv_cancellation_through_the_engine(dtype, mode):
     """The cancelling pairs as pixels of a 1x1 Conv2d (T = 5 x 7 = 35 output positions, pairs
-    across K-blocks): with clipped_sum="auto" the layer uses (c) and stays <= C; "exact" keeps
-    (a) (and stays <= C with the plain factor)."""
+    across K-blocks): "rounded" runs (c) for the example and stays <= C; "auto" routes it (its
+    slack is far above rounding_slack_max) to design (a) with the plain factor; "exact" is (a)."""
     T, starts = 35, [15, 31]
     a, g = _cancelling_example(dtype, T, starts)
     A, G = _one_example_batch(a, g, dtype)
@@ -484,7 +484,50 @@ def test_conv_cancellation_through_the_engine(dtype, mode):
         y = conv(x.float())
     engine.backward((y.float() * Gc.float()).sum((1, 2, 3)), mask=torch.tensor([0, 1, 0], device=DEVICE))
     ratio = float(conv.weight.grad.double().norm()) / C
-    assert engine.plan()[0]["clipped_sum"] == ("rounded" if mode == "auto" else "segments")
+    assert engine.plan()[0]["clipped_sum"] == ("segments" if mode == "exact" else "rounded")
     assert ratio <= 1.0 + FP32_SLACK, f"contribution {ratio:.7f} C"
-    if mode == "exact":
-        assert ratio >= 0.99
+    if mode != "rounded":
+        assert ratio >= 0.99  # not clipped harder: (a) with the plain factor
+    else:
+        assert ratio < 0.5  # (c) with the slack: clipped harder
+    if mode == "auto":
+        assert int(engine.last_stats["exact_routed"]) == 1
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_auto_routes_cancelling_examples_to_design_a(dtype):
+    """clipped_sum="auto": in a batch of 4, the cancelling example (T = 33) is routed to design
+    (a) with the plain factor, the three random ones take (c) with the slack; every example alone
+    is <= C, the cancelling one is not clipped away (ratio >= 0.99), and the full batch's .grad
+    is the sum of the four contributions (both kernels ran, rows split between them)."""
+    rng = np.random.default_rng()
+    T = 33
+    a, g = _cancelling_example(dtype, T, [15, 31])
+    A = 1.0 + 0.3 * rng.standard_normal((4, T, 1))  # positions agree (S / n ~ 1): (c) is cheap
+    Gm = (1.0 + 0.3 * rng.standard_normal((4, T, 3))) * 0.1
+    A[2], Gm[2] = a, np.repeat(g, 3, axis=1)
+    A = torch.tensor(A, dtype=dtype, device=DEVICE)
+    Gm = torch.tensor(Gm, dtype=dtype, device=DEVICE)
+    n2 = abs(float(np.sum(g * a))) * math.sqrt(3)
+    C = 0.55 * (n2 + 1e-6)
+    lin = nn.Linear(1, 3, bias=False).to(DEVICE)
+    engine = DPEngine(lin, max_grad_norm=C, clipped_sum="auto")
+
+    def grad(mask):
+        lin.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = lin(A.float())
+        engine.backward((y.float() * Gm.float()).sum((1, 2)), mask=mask)
+        return lin.weight.grad.double().clone()
+
+    full = grad(torch.ones(4, device=DEVICE))
+    assert int(engine.last_stats["exact_routed"]) == 1
+    assert 0 < float(engine.last_stats["rounding_slack"]) <= engine.rounding_slack_max
+    parts = []
+    for i in range(4):
+        w = grad(F.one_hot(torch.tensor(i, device=DEVICE), 4))
+        ratio = float(w.norm()) / C
+        assert ratio <= 1.0 + FP32_SLACK, f"example {i}: {ratio:.7f} C"
+        parts.append(w)
+    assert float(parts[2].norm()) / C >= 0.99
+    torch.testing.assert_close(full, sum(parts), rtol=1e-5, atol=1e-7 * C)

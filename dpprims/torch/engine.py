@@ -72,15 +72,22 @@ class DPEngine:
             B*T rows with c_i g_t rounded onto the input dtype, and clip factors that charge
             the rounding, c_i = min(1, (C - alpha_i) / (n_i + rho_i)); every contribution stays
             <= C and c_i is a little smaller, by rho_i / n_i, reported as
-            ``last_stats["rounding_slack"]``), or "rounded" (design (c) at every T > 1). The
+            ``last_stats["rounding_slack"]``; an example whose rho_i exceeds
+            ``rounding_slack_max`` n_i, or alpha_i that times C, e.g. one whose positions
+            cancel, is routed to design (a) in those layers instead and keeps the plain factor:
+            counted in ``last_stats["exact_routed"]``), or "rounded" (design (c) at every T > 1
+            for every example, no routing; tests and benchmarks). The
             same for Conv1d/Conv2d layers (T = H_out W_out; single-call layers). Only the Triton
             backends use (c); fp32 operands, T = 1, fp16 with automatic clipping, and the
             plain-torch path keep designs (a)/(b). ``plan()`` shows each layer's design.
+        rounding_slack_max: the largest utility cost design (c) may impose on one example under
+            clipped_sum="auto" (its factor shrinks by at most 1 / (1 + rounding_slack_max)).
     """
 
     def __init__(self, model: torch.nn.Module, max_grad_norm: float, *, clipping: str = "flat",
                  gamma: float = 0.01, norm_method="auto", loss_reduction: str = "sum",
-                 precision: str = "ieee", clipped_sum: str = "exact") -> None:
+                 precision: str = "ieee", clipped_sum: str = "exact",
+                 rounding_slack_max: float = 2.0 ** -4) -> None:
         self.max_grad_norm = check_max_grad_norm(max_grad_norm, clipping)
         self.clipping = clipping
         self.gamma = float(gamma)
@@ -102,6 +109,10 @@ class DPEngine:
         if clipped_sum not in _CLIPPED_SUMS:
             raise ValueError(f"clipped_sum must be one of {_CLIPPED_SUMS}, got {clipped_sum!r}")
         self.clipped_sum = clipped_sum
+        if not (rounding_slack_max >= 0):
+            raise ValueError(f"rounding_slack_max must be >= 0, got {rounding_slack_max!r}")
+        self.rounding_slack_max = float(rounding_slack_max)
+        self.exact_route = None  # [B] bool during accumulate_clipped: examples routed to design (a)
         self.model = model
         self.handlers = self._build_handlers(model)
         unknown = set(self._norm_overrides) - {h.name for h in self.handlers}
@@ -221,10 +232,24 @@ class DPEngine:
                 if mask.shape != (B,):
                     raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
             C = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
+            route = None
+            if slack is not None and self.clipped_sum == "auto":
+                # per-example routing: where the slack would cost more than rounding_slack_max
+                # of the factor (cancelling positions), the example takes design (a) in the (c)
+                # layers (the handlers run both kernels, each with the other's rows zeroed) and
+                # needs no slack; non-finite slack stays (c_i = 0)
+                finite = torch.isfinite(slack).all(0)
+                r = self.rounding_slack_max
+                route = finite & ((slack[0] > r * sq.sqrt()) | (slack[1] > r * self.max_grad_norm))
+                slack = torch.where(route.unsqueeze(0), 0.0, slack)
             c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma, slack)
             c_eff = c * scale if scale != 1.0 else c
-            for h, _ in active:
-                h.accumulate_clipped(c_eff)
+            self.exact_route = route
+            try:
+                for h, _ in active:
+                    h.accumulate_clipped(c_eff)
+            finally:
+                self.exact_route = None
             # Step statistics stay on the device (no host sync per physical batch); callers
             # read them with int(...) when they log.
             valid = torch.ones(B, dtype=torch.bool, device=device) if mask is None else (mask != 0)
@@ -239,6 +264,7 @@ class DPEngine:
                 ok = valid & torch.isfinite(norms) & (norms > 0)
                 ratio = torch.where(ok, slack[0] / torch.where(ok, norms, 1.0), 0.0)
                 self.last_stats["rounding_slack"] = ratio.sum() / ok.sum().clamp(min=1)
+                self.last_stats["exact_routed"] = (route & valid).sum() if route is not None else valid.new_zeros(())
             return norms
         finally:
             for h in self.handlers:

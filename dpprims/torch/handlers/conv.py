@@ -255,8 +255,15 @@ class ConvHandler(LayerHandler):
                 add_grad(m.weight, ops.clipped_weight_grad_from_im2col(U, G4, c, g4))
             elif len(calls) == 1:
                 x, G, lo = calls[0]
-                design = "rounded" if self.state.step_cache.get("design") == "rounded" else "auto"
-                add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *self._conv_args(lo), prec, design))
+                route, args = self.engine.exact_route, self._conv_args(lo)
+                if self.state.step_cache.get("design") != "rounded":
+                    add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *args, prec))
+                elif route is None:
+                    add_grad(m.weight, ops.conv2d_clipped_weight_grad(x, G, c, *args, prec, "rounded"))
+                else:  # examples routed to design (a) (engine: slack too large) and the rest by (c)
+                    add_grad(m.weight,
+                             ops.conv2d_clipped_weight_grad(x, G, torch.where(route, 0.0, c), *args, prec, "rounded")
+                             + ops.conv2d_clipped_weight_grad(x, G, torch.where(route, c, 0.0), *args, prec))
             else:
                 U, Gc = self._unfolded_pairs(calls)
                 geo = ops.conv_geometry(calls[0][0], calls[0][1], *self._conv_args(calls[0][2]))[0]

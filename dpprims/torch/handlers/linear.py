@@ -134,7 +134,13 @@ class LinearHandler(LayerHandler):
         if m.weight.requires_grad and "per_example" in self.state.step_cache:
             add_grad(m.weight, clipped_sum_of_rows(self._per_example(), c))
         elif m.weight.requires_grad:
-            design = "rounded" if self.state.step_cache.get("design") == "rounded" else "auto"
-            add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, self.engine.precision, design))
+            prec, route = self.engine.precision, self.engine.exact_route
+            if self.state.step_cache.get("design") != "rounded":
+                add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, prec))
+            elif route is None:
+                add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, c, prec, "rounded"))
+            else:  # examples routed to design (a) (engine: slack too large) and the rest by (c)
+                add_grad(m.weight, ops.linear_clipped_weight_grad(A, G, torch.where(route, 0.0, c), prec, "rounded")
+                         + ops.linear_clipped_weight_grad(A, G, torch.where(route, c, 0.0), prec))
         if m.bias is not None and m.bias.requires_grad:
             add_grad(m.bias, ops.linear_clipped_bias_grad(G, c))
