@@ -227,12 +227,19 @@ def write_md(path: str, report: dict) -> None:
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         s = m["summary"]
+        if "clipped_over_nonprivate" not in s:  # JAX: only its launches that differ from torch's
+            continue
         ratio = f"{s['clipped_over_nonprivate']:.2f}x" if s["clipped_over_nonprivate"] else "-"
         nratio = f"{s['norm_over_nonprivate']:.2f}x" if s["norm_over_nonprivate"] else "-"
         L.append(f"| {m['model']} | {m['dtype']} | {m['batch']} | {len(m['launches'])} | {_fmt_s(s['norm_pass_s'])} | "
                  f"{_fmt_s(s['clipped_gemm_s'])} | {_fmt_s(s['other_s'])} | {_fmt_s(s['nonprivate_weight_grad_s'])} | "
                  f"{ratio} | {nratio} | {s['clipped_on_tensor_cores']}/{s['clipped_launches']} | "
                  f"{s['spilling_launches']} | {s['failed_launches']} |")
+    jax = [m for m in report["models"] if m["framework"] == "jax"]
+    if jax:
+        L += ["", "JAX binding (jax.eval_shape of the same step through `dpprims.jax.clipped_grad`): launches whose "
+              "build differs from every torch build of the same model and dtype: " +
+              ", ".join(f"{m['model']} {m['dtype']}: {len(m['launches'])}" for m in jax) + " (listed below)."]
     L += ["", "## Distinct builds", "",
           "| kernel | dtypes | constexprs | warps | regs | spill B (st/ld) | stack B | smem KiB | CTAs/SM (limit) | "
           "wgmma | mma | fma.f32 | HGMMA | HMMA | FFMA | launches |",

@@ -19,7 +19,9 @@ Math (shared/DESIGN.md, section 1):
   B*T rows on tensor cores in the input dtype. T > 1: each example's unscaled tiles are
   multiplied into an fp32 tile that is then scaled by c_i (design (a)); T = 1: c_i g_i is
   rounded toward zero onto the input dtype (design (b), rank one). docs/PRIVACY.md proves that
-  either way no contribution exceeds c_i ||G_i^T A_i||.
+  either way no contribution exceeds c_i ||G_i^T A_i||. Design (c), "rounded rows" (small T in
+  half precision): one GEMM over the B*T rows with c_i g_t rounded toward zero, whose rounding
+  error the clip factor pays for (kernels/clip.py HAS_SLACK), so contributions stay <= C.
 
 All reductions are deterministic: every program writes its own partial (a tile of the
 norm, or a split-K slice of the weight gradient) and the binding sums the partials in a fixed
@@ -405,12 +407,18 @@ def _linear_clipped_bias_grad_kernel(
 # launch specs (shared by the torch and JAX bindings)
 # --------------------------------------------------------------------------------------------
 def linear_norm_direct_spec(B: int, T: int, D: int, P: int, arch: int = 90) -> LaunchSpec:
+    """[BLOCK_P, BLOCK_D] = 64 x 64 tiles over BLOCK_T = 32 positions. sm_90: 4 warps (60
+    registers in bf16, no spills). sm_80: 8 warps: with 4 the bf16 build spills (16 bytes at 96
+    registers, transformer q/v/o projections); 8 warps take 59 registers, no spills (compiled
+    builds, bench/kernel_report.py, T = 512, d = 768, p = 3072)."""
+    arch = check_arch(arch)
     bt = block(T, 32, 64)
     bd = block(D, 64, 128)
     bp = block(P, 64, 128)
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
+    warps = 4 if interpreting() or arch >= 90 else 8
     return LaunchSpec(grid=(B, n_tiles), constexprs=dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp),
-                      num_warps=4, outputs={"partials": (B, n_tiles)})
+                      num_warps=warps, outputs={"partials": (B, n_tiles)})
 
 
 def linear_norm_ghost_spec(B: int, T: int, D: int, P: int, arch: int = 90) -> LaunchSpec:
@@ -532,7 +540,7 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
 # normal, so that a flush of subnormals to zero anywhere (fp32 product, tensor-core operand) is
 # covered too. fp32 data ("fp32", exact fp32 products) has no rounding: u = tau = 0.
 ROUNDED_ROWS_BOUNDS = {"bf16": (2.0 ** -7, 2.0 ** -126), "fp16": (2.0 ** -10, 2.0 ** -24),
-                       "tf32": (2.0 ** -10, 2.0 ** -126), "fp32": (0.0, 0.0)}
+                       "fp32": (0.0, 0.0)}
 
 # design (c) replaces design (a) below this T: (a)'s per-example fp32 pass over the output tile
 # costs ~14.8/T of the MMA time at H100 peaks (bf16 989 vs fp32 FMA 67 TFLOP/s), > ~10% there.
@@ -543,8 +551,9 @@ def choose_clipped_sum_design(T: int, dtype: str, mode: str = "exact", automatic
     """Design of a layer's clipped weight-gradient sum (docs/PRIVACY.md): "rank1" (b) at T = 1,
     else "rounded" (c) when ``mode`` allows it, else "segments" (a).
 
-    ``mode``: "exact" (design (a) for every T > 1: no utility cost, the default), "auto"
-    (design (c) for half-precision operands with 1 < T < ROUNDED_ROWS_MAX_T) or "rounded"
+    ``mode`` (DPEngine's ``clipped_sum``): "exact" (design (a) for every T > 1: no utility
+    cost), "auto" (DPEngine's default; design (c) for half-precision operands with
+    1 < T < ROUNDED_ROWS_MAX_T, the engine routing costly examples to (a)) or "rounded"
     (design (c) for every half-precision T > 1; tests and benchmarks). fp32 operands always use
     (a): they have no half rounding to save. fp16 with automatic clipping uses (a): its factor
     can exceed 1, and c_i g_t could then saturate at 65504, which the slack does not bound."""
