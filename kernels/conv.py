@@ -25,7 +25,9 @@ math of kernels/linear.py (shared/DESIGN.md, section 1):
   get this wrong for groups > 1).
 * clipped weight gradient (Book-Keeping): sum_i c_i G_i,g^T U_i,g, one implicit-GEMM
   weight-gradient conv on tensor cores in the input dtype, one example at a time, with c_i
-  applied to each example's fp32 tile after the MMA (design (a), docs/PRIVACY.md).
+  applied to each example's fp32 tile after the MMA (design (a), docs/PRIVACY.md); or, for
+  small T in half precision, one implicit GEMM over all B*T rows with c_i g_t rounded toward
+  zero and the rounding charged to the clip factor (design (c), "rounded rows").
 * bias: per-example bias gradients sum_t G_i[c, t] [B, C_out] (fp32), from which the norm
   and the clipped sum are [B]- and [C_out]-sized epilogues.
 

@@ -66,8 +66,8 @@ class DPEngine:
             on tensor cores). Plain TF32 is refused: its rounding can push a clipped
             contribution past max_grad_norm.
         clipped_sum: design of the half-precision clipped weight-gradient sums of Linear and
-            Conv layers with T > 1 (docs/PRIVACY.md): "exact" (default; design (a), c_i applied to
-            each example's fp32 tile after the MMA, no utility cost), "auto" (design (c) for
+            Conv layers with T > 1 (docs/PRIVACY.md): "exact" (design (a) everywhere, c_i applied
+            to each example's fp32 tile after the MMA, no utility cost), "auto" (default; design (c) for
             bf16/fp16 operands with T < kernels.linear.ROUNDED_ROWS_MAX_T: one GEMM over the
             B*T rows with c_i g_t rounded onto the input dtype, and clip factors that charge
             the rounding, c_i = min(1, (C - alpha_i) / (n_i + rho_i)); every contribution stays
@@ -86,7 +86,7 @@ class DPEngine:
 
     def __init__(self, model: torch.nn.Module, max_grad_norm: float, *, clipping: str = "flat",
                  gamma: float = 0.01, norm_method="auto", loss_reduction: str = "sum",
-                 precision: str = "ieee", clipped_sum: str = "exact",
+                 precision: str = "ieee", clipped_sum: str = "auto",
                  rounding_slack_max: float = 2.0 ** -4) -> None:
         self.max_grad_norm = check_max_grad_norm(max_grad_norm, clipping)
         self.clipping = clipping
