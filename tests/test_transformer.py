@@ -405,7 +405,8 @@ def _rms_loss(x, y):
     return lambda m, s, dt: F.cross_entropy(m(x[s].to(dt)), y[s], reduction="none")
 
 
-@pytest.mark.parametrize("path,eps", [("triton-interpreter", None), ("torch", 1e-4)], ids=["interp-epsNone", "torch-eps1e-4"])
+@pytest.mark.parametrize("path,eps", [("triton-interpreter", None), ("torch", 1e-4)],
+                         ids=["interp-epsNone", "torch-eps1e-4"])
 def test_rmsnorm_matches_loop(path, eps):
     torch.manual_seed(3)
     model = _perturb(RMSNet(eps=eps), 0.5)

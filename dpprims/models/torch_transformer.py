@@ -61,7 +61,8 @@ class SmallTransformer(nn.Module):
         else:
             if input_size is None:
                 raise ValueError("SmallTransformer on images needs input_size (H, W) or an int S for S x S")
-            hw = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+            hw = ((int(input_size),) * 2 if isinstance(input_size, int)
+                  else tuple(int(s) for s in input_size))
             if len(hw) != 2:
                 raise ValueError(f"input_size must be (H, W) for images, got {input_size!r}")
             p = int(patch) if patch is not None else _default_patch(hw)

@@ -218,7 +218,8 @@ class DPMultiheadAttention(nn.Module):
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(L, S)}.")
+                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, "
+                                       f"but should be {(L, S)}.")
                 attn_mask = attn_mask.unsqueeze(0)
             elif attn_mask.dim() == 3:
                 if tuple(attn_mask.shape) != (B * H, L, S):
