@@ -14,6 +14,12 @@ matters for DP's short training: on sklearn digits (dim 32, depth 2), 60 non-pri
 batch 256 reach 0.85 test accuracy with flatten vs 0.15 with mean pooling (SGD lr 0.05, momentum
 0.9), 0.96 vs 0.67 with Adam lr 3e-3.
 
+Measured (DP, CLI defaults otherwise: SGD lr 0.25, momentum 0.9, C = 1, epsilon 3, delta 1e-5):
+``OMP_NUM_THREADS=1 dpprims train --model transformer --width 32 --epochs 5`` on the embedded
+MNIST subset reaches 0.834 test accuracy at epsilon 3.00 in 79 steps, 14.2 s on the shared 2-core
+CPU box (load average ~11; with torch's default 2 threads on that loaded box the same run took
+298 s); ``--data digits --width 32`` (10 epochs, 57 steps): 0.852.
+
 The encoder layers are torch's own ``nn.TransformerEncoderLayer``; their attention is turned
 into ``dpprims.torch.DPMultiheadAttention`` by ``convert_multihead_attention`` (same weights),
 so every trainable parameter belongs to a layer the DP engine clips per example: Linear,
