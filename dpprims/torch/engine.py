@@ -242,6 +242,11 @@ class DPEngine:
                 r = self.rounding_slack_max
                 route = finite & ((slack[0] > r * sq.sqrt()) | (slack[1] > r * self.max_grad_norm))
                 slack = torch.where(route.unsqueeze(0), 0.0, slack)
+                if route.device.type == "meta":
+                    # shape-only capture (dpprims.kernel_report): record the common case, no
+                    # example routed, i.e. without the design-(a) launch that would skip every
+                    # example (on a GPU it runs, costing about a launch: no host sync here)
+                    route = None
             c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma, slack)
             c_eff = c * scale if scale != 1.0 else c
             self.exact_route = route
