@@ -136,7 +136,7 @@ def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> tor
             out.append(torch.linalg.vecdot(aa.reshape(a.shape[0], -1), gg.reshape(a.shape[0], -1)))
         return torch.cat(out)
     # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist;
-    # the square-sum is a batched dot product (no squared temporary)
+    # the square-sum is torch's vectorised L2-norm reduction, squared (no squared temporary)
     chunk = max(1, (1 << 24) // max(1, D * P))
     out = []
     for s in range(0, B, chunk):
