@@ -223,3 +223,19 @@ def test_engine_cpu_linear_methods_on_sequences(norm_method):
         assert plan[name]["method"] == (norm_method if norm_method != "auto" else
                                         min(plan[name]["cpu_ms"], key=plan[name]["cpu_ms"].get))
     assert plan["head"]["method"] == "outer"
+
+
+@pytest.mark.parametrize("norm_method", ["ghost", "direct", "instantiate", "auto"])
+@pytest.mark.parametrize("model_cls", [SeqModel, CNN, CNN1d], ids=["seq", "cnn2d", "cnn1d"])
+def test_engine_cpu_methods_on_an_empty_batch(model_cls, norm_method):
+    """B = 0 is a real step (an empty Poisson batch): every forced CPU method returns no norms
+    and zero clipped sums, instead of failing to reshape or concatenate nothing."""
+    torch.manual_seed(5)
+    model = model_cls()
+    x = torch.randn(0, 7, 5) if model_cls is SeqModel else _data(model_cls, 0)[0]
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=0.3, norm_method=norm_method)
+        norms = engine.backward(model(x).sum(dim=1), mask=torch.ones(0, dtype=torch.bool))
+    assert norms.shape == (0,)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name

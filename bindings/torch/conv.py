@@ -348,12 +348,14 @@ def _torch_weight_sq_norms(x4, G4, geo: Conv2dGeometry, method: str) -> torch.Te
       examples (at most ~2^24 values of im2col or Gram matrices at once);
     * "direct": the per-example weight gradients built a chunk at a time
       (:func:`per_example_weight_grads`), square-summed, then dropped."""
+    if geo.B == 0:  # an empty batch (B = 0) is a real step: no norms, nothing to chunk
+        return torch.zeros(0, device=x4.device, dtype=torch.float32)
     if method == "direct":
         out = []
         step = _chunk(geo, geo.C_out * geo.D)
         for s in range(0, geo.B, step):
             per = per_example_weight_grads(x4[s:s + step], G4[s:s + step], geo)
-            out.append(sq_rows(per.reshape(per.shape[0], -1)))
+            out.append(sq_rows(per.flatten(1)))
         return torch.cat(out)
     Tn = geo.T
     step = _chunk(geo, geo.groups * (geo.D * Tn + 2 * Tn * Tn) + geo.C_out * Tn)
@@ -399,8 +401,7 @@ def clipped_weight_grad_from_im2col(U: torch.Tensor, G4: torch.Tensor, c: torch.
 
 def _sq_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a_k, b_k>_F for each k of two [n, s, t] tensors (a vectorised row-wise dot product)."""
-    n = a.shape[0]
-    return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def clipped_sum_of_rows(per_example: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -410,7 +411,7 @@ def clipped_sum_of_rows(per_example: torch.Tensor, c: torch.Tensor) -> torch.Ten
     c on the host (free on CPU, where this path runs)."""
     B = per_example.shape[0]
     _check_factors(c, B, per_example)
-    flat = per_example.reshape(B, -1)
+    flat = per_example.flatten(1)
     keep = c != 0
     if not bool(keep.all()):
         flat, c = flat[keep], c[keep]

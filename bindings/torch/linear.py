@@ -122,6 +122,8 @@ def _(A, G, method, precision="ieee"):
 
 def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> torch.Tensor:
     A32, G32 = A.float(), G.float()
+    if A32.shape[0] == 0:  # an empty batch (B = 0) is a real step: no norms, nothing to chunk
+        return A32.new_zeros(0)
     if method == "outer":
         return A32[:, 0].pow(2).sum(1) * G32[:, 0].pow(2).sum(1)
     B, T, D = A32.shape
@@ -133,7 +135,7 @@ def _torch_weight_sq_norms(A: torch.Tensor, G: torch.Tensor, method: str) -> tor
         for s in range(0, B, chunk):
             a, g = A32[s:s + chunk], G32[s:s + chunk]
             aa, gg = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
-            out.append(torch.linalg.vecdot(aa.reshape(a.shape[0], -1), gg.reshape(a.shape[0], -1)))
+            out.append(torch.linalg.vecdot(aa.flatten(1), gg.flatten(1)))
         return torch.cat(out)
     # direct, chunked over the batch so that at most ~64 MiB of per-example gradients exist;
     # the square-sum is torch's vectorised L2-norm reduction, squared (no squared temporary)

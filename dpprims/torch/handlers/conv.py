@@ -185,7 +185,7 @@ class ConvHandler(LayerHandler):
         total = torch.zeros(B, device=device, dtype=torch.float32)
         if m.weight.requires_grad:
             if len(calls) == 1 and method == "instantiate":
-                total = total + ops.sq_rows(self._per_example(calls[0]).reshape(B, -1))
+                total = total + ops.sq_rows(self._per_example(calls[0]).flatten(1))
             elif (len(calls) == 1 and method == "ghost" and plain
                   and 4 * B * groups * D * geo.T <= cpu_cost.INSTANTIATE_MAX_BYTES):
                 # plain-torch ghost: keep the im2col for the clipped sum (one GEMM over B*T rows)

@@ -88,7 +88,7 @@ class LinearHandler(LayerHandler):
             method = choose_norm_method(T, D, P, "direct" if requested == "instantiate" else requested)
         total = torch.zeros(B, device=A.device, dtype=torch.float32)
         if m.weight.requires_grad and method == "instantiate":
-            total = total + sq_rows(self._per_example().reshape(Bc, -1))
+            total = total + sq_rows(self._per_example().flatten(1))
         elif m.weight.requires_grad:
             total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
         if m.bias is not None and m.bias.requires_grad:
