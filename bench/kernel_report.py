@@ -210,7 +210,9 @@ def write_md(path: str, report: dict) -> None:
          f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Generated: {report['generated']}", "",
          f"**Times are an {kr.ESTIMATE_LABEL}.** Roofline at the peaks below: executed MMA flops (padded tiles) "
          "at the tensor-core peak of the MMA operand type in the PTX (CUDA-core FMA peak when the build has no "
-         "MMA), bytes = every buffer argument once (a lower bound), compute time divided by the busy fraction "
+         "MMA), plus design (a)'s per-example scaling pass (acc += c_i * W_i: one fp32 FMA per tile element "
+         "per example) at the CUDA-core FMA peak, not overlapped with the MMAs (conservative), bytes = every "
+         "buffer argument once (a lower bound), compute time divided by the busy fraction "
          "of the last CTA wave. Non-private weight gradient: 2*B*T*d*p flops at the bf16 tensor-core peak "
          "(bf16) or the fp32 FMA peak (fp32), and its operand bytes.", "",
          "| peak table | value |", "|---|---|",

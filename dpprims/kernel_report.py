@@ -470,6 +470,7 @@ def launch_cost(launch: Launch) -> dict:
 
     flops = None
     useful = None
+    scale = 0
     try:
         if name.endswith("_norm_direct_kernel"):
             T, BT, BD, BP = c("T"), c("BLOCK_T"), c("BLOCK_D"), c("BLOCK_P")
@@ -493,11 +494,15 @@ def launch_cost(launch: Launch) -> dict:
             k_blocks = B * math.ceil(T / BK) if "EXAMPLES_PER_SPLIT" in b else math.ceil(B * T / BK)
             flops = g[0] * g[1] * k_blocks * 2 * BK * BD * BP
             useful = 2 * B * T * D * P * groups
+            if "EXAMPLES_PER_SPLIT" in b:
+                # design (a): acc += c_i * W_i, one fp32 FMA per tile element per example, on
+                # CUDA cores (counted apart: it does not run at the tensor-core peak)
+                scale = g[0] * g[1] * B * 2 * BD * BP
         else:
             flops = 0
     except (TypeError, KeyError):  # a kernel whose parameters changed: bytes only
         flops = useful = None
-    return dict(mma_flops=flops, flops_useful=useful, bytes=nbytes)
+    return dict(mma_flops=flops, flops_useful=useful, bytes=nbytes, fma_flops=scale)
 
 
 def mma_peak(arch: int, info: dict, dtype: str) -> tuple[float, str]:
@@ -514,14 +519,16 @@ def mma_peak(arch: int, info: dict, dtype: str) -> tuple[float, str]:
     return pk["fma_fp32"], "CUDA-core fp32 FMA"
 
 
-def roofline_s(arch: int, flops: float, nbytes: float, peak: float, programs: int, ctas_per_sm: int) -> dict:
-    """max(compute, memory) seconds; compute at ``peak`` divided by the busy fraction of the CTA
-    waves (a grid smaller than the GPU runs at a fraction of its peak). An estimate."""
+def roofline_s(arch: int, flops: float, nbytes: float, peak: float, programs: int, ctas_per_sm: int,
+               fma_flops: float = 0) -> dict:
+    """max(compute, memory) seconds; compute at ``peak`` (plus ``fma_flops`` at the CUDA-core
+    fp32 FMA peak, not overlapped with the MMAs: conservative) divided by the busy fraction of
+    the CTA waves (a grid smaller than the GPU runs at a fraction of its peak). An estimate."""
     pk = PEAKS[arch]
     slots = max(1, pk["sms"] * max(1, ctas_per_sm))
     waves = max(1, math.ceil(programs / slots))
     busy = programs / (waves * slots)
-    t_c = (flops or 0) / (peak * max(busy, 1e-9))
+    t_c = ((flops or 0) / peak + (fma_flops or 0) / pk["fma_fp32"]) / max(busy, 1e-9)
     t_m = nbytes / pk["dram_bps"]
     return dict(seconds=max(t_c, t_m), compute_s=t_c, memory_s=t_m, bound="compute" if t_c >= t_m else "memory",
                 wave_busy_fraction=busy)
@@ -663,7 +670,7 @@ def summarise(rows, builds: dict, arch: int) -> list[dict]:
         else:
             peak, unit = mma_peak(arch, info, dt)
             est = roofline_s(arch, cost["mma_flops"] or 0, cost["bytes"], peak, r["programs"],
-                             info["occupancy"]["ctas_per_sm"])
+                             info["occupancy"]["ctas_per_sm"], cost["fma_flops"])
             r.update(compiled={k: v for k, v in info.items()}, unit=unit, estimate=est)
         out.append(r)
     return out

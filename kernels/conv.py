@@ -475,6 +475,16 @@ def conv2d_bias_grads_spec(B: int, C: int, T: int, arch: int = 90) -> LaunchSpec
                       outputs={"out": (B, C)})
 
 
+def _split_roofline(geo: Conv2dGeometry, itemsize: int) -> dict:
+    """The clipped sum's work for :func:`dpprims.kernels.linear.clipped_sum_split`: flops
+    2*B*T*D*P per group, operand bytes (x and G once, the fp32 [C_out, D] output) and the
+    bytes each split-K slice adds (its fp32 partial written and read back)."""
+    wsize = geo.C_out * geo.D
+    return dict(flops=2.0 * geo.B * geo.T * geo.D * geo.P * geo.groups,
+                nbytes=geo.B * (geo.C_in * geo.H * geo.W + geo.C_out * geo.T) * itemsize + 4.0 * wsize,
+                split_bytes=8.0 * wsize)
+
+
 def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
     """Design (a) launch (see the kernel): tiles over (groups x P, D); the B examples are split
     into slices of ``outputs["examples_per_split"]`` whole examples when the tile grid alone
@@ -490,7 +500,7 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = segment_block_k(geo.T, 16 if itemsize >= 4 else 32)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
-    split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)))
+    split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)), arch, **_split_roofline(geo, itemsize))
     examples_per_split = cdiv(geo.B, split)
     split = max(1, cdiv(geo.B, examples_per_split))
     # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
@@ -516,7 +526,7 @@ def conv2d_clipped_weight_grad_rounded_spec(geo: Conv2dGeometry, arch: int = 90,
     bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = block(rows, 32 if itemsize < 4 else 16, 64)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
-    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8)
+    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, **_split_roofline(geo, itemsize))
     rows_per_split = cdiv(cdiv(rows, split), bk) * bk
     split = max(1, cdiv(rows, rows_per_split))
     big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))

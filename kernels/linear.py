@@ -468,13 +468,49 @@ def clipped_round_dtype(dtype: str, precision: str) -> str:
     raise ValueError(f"clipped sums take float32, float16 or bfloat16 operands, got {dtype}")
 
 
-def clipped_sum_split(n_tiles: int, units: int, min_units: int) -> int:
-    """Number of deterministic split-K slices: ~4 programs per SM on a 132-SM part when the
-    output tiles alone cannot fill the GPU, every slice >= ``min_units`` reduction units.
-    Under the interpreter up to 3 slices, so CPU tests exercise the partial sums."""
+def sm_count(arch: int) -> int:
+    """Streaming multiprocessors of the part the specs size grids for: 132 (H100/H200) from
+    sm_90 on, 108 (A100) below."""
+    return 132 if arch >= 90 else 108
+
+
+# flops per byte at which a kernel turns from memory- to compute-bound (dense half-precision
+# tensor-core peak over DRAM bandwidth: H100 SXM 989 TFLOP/s / 3.35 TB/s, A100 312 / 2.04)
+RIDGE = {90: 295.0, 80: 153.0}
+
+
+def clipped_sum_split(n_tiles: int, units: int, min_units: int, arch: int = 90, *, flops: float = 0.0,
+                      nbytes: float = 0.0, split_bytes: float = 0.0) -> int:
+    """Number of deterministic split-K slices when the output tiles alone cannot fill the GPU:
+    at most ~4 programs per SM and 64 slices, every slice >= ``min_units`` reduction units, and
+    among those the split whose grid fills its last wave of CTAs best (a grid of 5 tiles x 64
+    slices on 132 SMs runs 2.4 waves, its last one 42% busy; 5 x 52 runs 1.97). Slices hold
+    whole units (callers take ``cdiv(units, cdiv(units, split))`` slices), so the wave count is
+    judged on that final number. Ties go to the larger split (more programs to balance).
+
+    With the launch's ``flops``, operand ``nbytes`` and the partial-sum bytes each slice adds
+    (``split_bytes``: its fp32 [P, D] partial written, then read by the ordered reduction), the
+    split minimises a roofline time instead, max(flops / busy, RIDGE * bytes): a memory-bound
+    layer (ResNet-50's 1x1 convs at 56x56) then takes few slices, whose partials would
+    otherwise add a fifth to its traffic. Under the interpreter up to 3 slices, so CPU tests
+    exercise the partial sums."""
     if interpreting():
         return max(1, min(3, units))
-    return max(1, min(cdiv(528, n_tiles), cdiv(units, min_units), 64))
+    sms = sm_count(arch)
+    hi = max(1, min(cdiv(4 * sms, n_tiles), cdiv(units, min_units), 64))
+
+    def busy(s: int) -> float:
+        n = cdiv(units, cdiv(units, s)) * n_tiles
+        return n / (cdiv(n, sms) * sms)
+
+    def cost(s: int) -> float:
+        if not flops:
+            return 1.0 / busy(s)
+        return max(flops / busy(s), RIDGE.get(arch, RIDGE[90] if arch >= 90 else RIDGE[80])
+                   * (nbytes + cdiv(units, cdiv(units, s)) * split_bytes))
+
+    best = min(cost(s) for s in range(1, hi + 1))
+    return max(s for s in range(1, hi + 1) if cost(s) <= best * 1.01)
 
 
 def segment_block_k(T: int, cap: int = 64) -> int:
@@ -510,7 +546,8 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
         bd = block(D, 128, 128)
         bk = block(B, 32, 128)
         n_tiles = cdiv(P, bp) * cdiv(D, bd)
-        split = clipped_sum_split(n_tiles, cdiv(B, bk), 8)
+        split = clipped_sum_split(n_tiles, cdiv(B, bk), 8, arch, flops=2.0 * B * D * P,
+                                  nbytes=B * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
         rows_per_split = cdiv(cdiv(B, split), bk) * bk
         split = max(1, cdiv(B, rows_per_split))
         return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
@@ -523,7 +560,8 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
     bd = block(D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = segment_block_k(T, 16 if itemsize >= 4 else (64 if wide else 32))
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
-    split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)))
+    split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)), arch, flops=2.0 * B * T * D * P,
+                              nbytes=B * T * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
     examples_per_split = cdiv(B, split)
     split = max(1, cdiv(B, examples_per_split))
     big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
@@ -583,7 +621,8 @@ def linear_clipped_weight_grad_rounded_spec(B: int, T: int, D: int, P: int, arch
     if not interpreting() and arch < 90:
         bk = min(bk, 32)
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
-    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8)
+    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, flops=2.0 * rows * D * P,
+                              nbytes=rows * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
     rows_per_split = cdiv(cdiv(rows, split), bk) * bk
     split = max(1, cdiv(rows, rows_per_split))
     return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),

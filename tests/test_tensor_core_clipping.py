@@ -420,3 +420,36 @@ def test_jax_kernel_path_rounds_like_the_design(T):
     scale = np.zeros((11, 5))
     np.add.at(scale, np.asarray(ids).reshape(-1), np.abs(rows).reshape(-1, 5))
     assert np.max(np.abs(out - expected)) <= ACC_TOL * np.max(scale)
+
+
+def test_clipped_sum_split_fills_waves_and_spares_memory_bound_layers(monkeypatch):
+    """The GPU split-K choice (computed as on a GPU, not under the interpreter): a 5-tile conv
+    grid gets a split whose final program count fills its last wave of 132 SMs (not the 64
+    slices = 2.4 waves it took before), and a memory-bound layer (ResNet-50's stride-2 1x1
+    downsample at 56x56, B = 64) takes far fewer slices than a compute-bound one, because each
+    slice's fp32 partial adds traffic."""
+    from dpprims.kernels import conv as kc
+    from dpprims.kernels import linear as kl
+    from dpprims.kernels._launch import cdiv
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for n_tiles, units in ((5, 256), (9, 256), (7, 200), (144, 256)):
+        s = kl.clipped_sum_split(n_tiles, units, 1)
+        final = cdiv(units, cdiv(units, s))
+        programs = final * n_tiles
+        busy = programs / (cdiv(programs, 132) * 132)
+        best = max((cdiv(units, cdiv(units, k)) * n_tiles) / (cdiv(cdiv(units, cdiv(units, k)) * n_tiles, 132) * 132)
+                   for k in range(1, min(cdiv(528, n_tiles), units, 64) + 1))
+        assert busy >= best - 0.01, (n_tiles, units, s, busy, best)
+    # ResNet-18 CIFAR layer1 conv (64 -> 64, 3x3, 32x32, B = 256): compute-bound, many slices
+    geo_c = kc.Conv2dGeometry(B=256, C_in=64, H=32, W=32, C_out=64, H_out=32, W_out=32, KH=3, KW=3,
+                              SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, groups=1)
+    # ResNet-50 layer2.0.downsample (256 -> 512, 1x1, stride 2, 56x56, B = 64): memory-bound
+    geo_m = kc.Conv2dGeometry(B=64, C_in=256, H=56, W=56, C_out=512, H_out=28, W_out=28, KH=1, KW=1,
+                              SH=2, SW=2, PH=0, PW=0, DH=1, DW=1, groups=1)
+    split_c = kc.conv2d_clipped_weight_grad_spec(geo_c).grid[2]
+    split_m = kc.conv2d_clipped_weight_grad_spec(geo_m).grid[2]
+    assert split_c >= 3 * split_m and split_m <= 16, (split_c, split_m)
+    part_m = split_m * geo_m.C_out * geo_m.D * 4
+    x_bytes = 64 * 256 * 56 * 56 * 2
+    assert part_m <= 0.1 * x_bytes, (split_m, part_m, x_bytes)
