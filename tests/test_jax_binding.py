@@ -313,7 +313,10 @@ def test_arrange_follows_jax_triton_convention():
     # the clip kernel: the clip norm is a one-element array (a runtime value), never a constexpr
     cc = J.clip.clip_factor_call(jnp.ones((3,), jnp.float32), None, jnp.ones((1,), jnp.float32), False, 0.01)
     arr = J.arrange(cc)
-    assert [n for n, _ in arr.args] == ["sq_norm_ptr", "mask_ptr", "max_norm_ptr", "B", "gamma"]
+    # (slack_ptr: the rounding-aware factor's optional [2, B] input, a dummy buffer from JAX, which
+    # keeps design (a) and so HAS_SLACK=False)
+    assert [n for n, _ in arr.args] == ["sq_norm_ptr", "mask_ptr", "slack_ptr", "max_norm_ptr", "B", "gamma"]
+    assert arr.metaparams["HAS_SLACK"] is False
     assert arr.out_names == ("factor_ptr", "norm_ptr") and "max_norm_ptr" not in arr.metaparams
     # gamma is an fp32 runtime scalar (a Python float would be fp64 to jax-triton, fp32 to torch)
     assert isinstance(dict(arr.args)["gamma"], np.float32)
