@@ -984,19 +984,27 @@ def _f(v, fmt="{:.2f}"):
     return "-" if v is None else fmt.format(v)
 
 
+def e2e_status_cell(r: dict, width: int = 140) -> str:
+    """The status cell of one e2e row: "ok" or "<status>: <reason>", the speedups against the
+    DP baselines, and any warning (reason and warning cut at ``width`` characters). Shared by
+    this summary and bench/readme_table.py."""
+    st = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or '')[:width]}"
+    extra = [f"{r[k]:.2f}x {k[len('speedup_vs_'):]}" for k in ("speedup_vs_opacus-hooks", "speedup_vs_opacus-ghost",
+                                                              "speedup_vs_jax-vmap") if r.get(k) is not None]
+    if extra:
+        st += " (" + ", ".join(extra) + ")"
+    if r.get("warning"):
+        st += f" WARNING: {r['warning'][:width]}"
+    return st
+
+
 def e2e_markdown(rows: list[dict]) -> str:
     lines = ["| config | precision | method | examples/s | step ms (p10-p90) | vs non-private | peak GiB | mem vs non-private "
              "| status |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         step = "-" if r.get("step_ms_median") is None else \
             f"{r['step_ms_median']:.1f} ({r.get('step_ms_p10', 0):.1f}-{r.get('step_ms_p90', 0):.1f})"
-        st = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or '')[:140]}"
-        extra = [f"{r[k]:.2f}x {k[len('speedup_vs_'):]}" for k in ("speedup_vs_opacus-hooks", "speedup_vs_opacus-ghost",
-                                                                  "speedup_vs_jax-vmap") if r.get(k) is not None]
-        if extra:
-            st += " (" + ", ".join(extra) + ")"
-        if r.get("warning"):
-            st += f" WARNING: {r['warning'][:140]}"
+        st = e2e_status_cell(r)
         gib = None if not r.get("peak_mem_bytes") else r["peak_mem_bytes"] / 2**30
         lines.append(f"| {r['config']} | {r['precision']} | {r['method']} | {_f(r.get('examples_per_s'), '{:.0f}')} | {step} "
                      f"| {_f(r.get('ratio_vs_nonprivate'))} | {_f(gib)} | {_f(r.get('mem_ratio_vs_nonprivate'))} | {st} |")
