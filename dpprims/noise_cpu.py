@@ -23,6 +23,17 @@ w0 == w1 == 0 (probability 2^-64 per pair). Step 1 flags those pairs and counts 
 count :func:`_fix_extension` recomputes exactly those pairs with x0 (Philox of the extension counter
 and the same word selection), so no branch slows the common loop and the rare case stays exact.
 
+Threads: a draw of at least ``2 * MIN_PAIRS_PER_THREAD`` pairs is split into contiguous pair ranges, one
+per thread (the caller's thread runs the first, a module-level pool the rest). Every pair's numbers
+depend only on its counter (Philox is counter-based) and every epilogue is elementwise, so the split
+changes no bit of the output (tests/test_noise_parallel.py checks it against ``threads=1``). The
+numba functions release the GIL (``nogil=True``) and so do numpy's float32 ufuncs, so the threads
+run in parallel without numba's threading layer (no TBB / OpenMP needed: a plain pip install
+works, and the on-disk cache of the serial functions is unchanged). The thread count is the
+``threads`` argument of each function, else :func:`get_num_threads`: ``DPPRIMS_NOISE_THREADS`` if
+set, else the CPUs this process may run on (:func:`set_num_threads` overrides both). The torch
+binding passes ``min(torch.get_num_threads(), get_num_threads())``.
+
 Without numba, :func:`available` is False and callers use their own framework path (the same numbers,
 about 30-50x slower): nothing here is required for correctness.
 """
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -37,9 +49,13 @@ from dpprims import noise as _nz
 
 log = logging.getLogger("dpprims")
 
-__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS"]
+__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "normal_pairs_from_words", "philox_words",
+           "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "get_num_threads", "set_num_threads"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
+# a thread gets at least this many pairs (~40-80 us of work on the project's CPUs): below it the
+# hand-off to the pool (~10-30 us) would eat the gain, so small parameters (biases) stay serial
+MIN_PAIRS_PER_THREAD = 1 << 13
 
 _M32 = 0xFFFFFFFF
 _PHILOX_A, _PHILOX_B = 0xD2511F53, 0xCD9E8D57  # round multipliers (Triton's philox_impl)
@@ -82,6 +98,90 @@ def _build():
     return dict(prep=k.prep, prep_forced=k.prep_forced, fix_extension=k.fix_extension, finish=k.finish,
                 words=k.words, select_all=k.select_all, sgd_update=k.sgd_update, adam_update=k.adam_update,
                 scale_into=k.scale_into)
+
+
+_threads_override = None  # set_num_threads
+_pool = None  # (pid, ThreadPoolExecutor): recreated after a fork (a forked child has no pool threads)
+_pool_lock = threading.Lock()
+
+
+def get_num_threads() -> int:
+    """Threads the generator uses when a call passes no ``threads``: :func:`set_num_threads`'s value,
+    else ``DPPRIMS_NOISE_THREADS`` (a positive integer), else the number of CPUs this process may run
+    on (``os.sched_getaffinity``). The numbers never depend on it."""
+    if _threads_override is not None:
+        return _threads_override
+    env = os.environ.get("DPPRIMS_NOISE_THREADS", "").strip()
+    if env:
+        try:
+            t = int(env)
+        except ValueError:
+            t = 0
+        if t < 1:
+            raise ValueError(f"DPPRIMS_NOISE_THREADS must be a positive integer, got {env!r}")
+        return t
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(threads) -> None:
+    """Set the default thread count of the generator (``None``: back to :func:`get_num_threads`'s
+    environment / CPU default)."""
+    global _threads_override
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or int(threads) < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    _threads_override = None if threads is None else int(threads)
+
+
+def _resolve_threads(threads) -> int:
+    if threads is None:
+        return get_num_threads()
+    if not isinstance(threads, (int, np.integer)) or int(threads) < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return int(threads)
+
+
+def _executor(workers: int):
+    global _pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _pool_lock:
+        pid = os.getpid()
+        if _pool is None or _pool[0] != pid or _pool[1]._max_workers < workers:
+            if _pool is not None and _pool[0] == pid:
+                _pool[1].shutdown(wait=False)
+            _pool = (pid, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpprims-noise"))
+        return _pool[1]
+
+
+def _split(n: int, threads) -> list:
+    """Element ranges [(lo, hi)] of the parts of an n-element draw, one per thread; every lo is
+    even (a part starts at a pair), parts have equal pair counts up to one."""
+    n_pairs = (n + 1) // 2
+    parts = min(_resolve_threads(threads), n_pairs // MIN_PAIRS_PER_THREAD)
+    if parts <= 1:
+        return [(0, n)]
+    bounds = [2 * (n_pairs * i // parts) for i in range(parts + 1)]
+    return [(bounds[i], min(bounds[i + 1], n)) for i in range(parts)]
+
+
+def _run_parts(n: int, threads, fn) -> None:
+    """fn(lo, hi) over the parts of :func:`_split`: the first on this thread, the rest in the pool;
+    waits for all and re-raises the first error."""
+    parts = _split(n, threads)
+    if len(parts) == 1:
+        fn(0, n)
+        return
+    futures = [_executor(len(parts) - 1).submit(fn, lo, hi) for lo, hi in parts[1:]]
+    try:
+        fn(*parts[0])
+    finally:
+        errors = [f.exception() for f in futures]  # waits for every part before returning
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def _key(k0: int, k1: int):
@@ -137,28 +237,35 @@ def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset
         start += m
 
 
-def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None) -> np.ndarray:
+def gaussian_noise(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None, *,
+                   threads=None) -> np.ndarray:
     """z (float32 [n]) of dpprims' generator: element e is z0 (e even) or z1 (e odd) of pair
     pair_offset + e // 2 under key (k0, k1) (the seed's low / high word, any int bit patterns), with
     Philox counter words c2 = step and c3 = stream_word (``dpprims.noise.stream_word(rank)``) - the
     numbers of ``kernels/noise.py::_gaussian_noise_kernel`` under Triton's interpreter, bit for bit.
-    ``out``: optional contiguous float32 array of n elements to write into. Needs :func:`available`."""
+    ``out``: optional contiguous float32 array of n elements to write into. ``threads``: see the
+    module docstring (the numbers do not depend on it). Needs :func:`available`."""
     n, pair_offset, stream_word = int(n), int(pair_offset), int(stream_word)
     _check_stream(n, pair_offset, stream_word)
     if out is None:
         out = np.empty(n, np.float32)
     elif out.dtype != np.float32 or out.size != n or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous float32 array of {n} elements, got {out.dtype}[{out.size}]")
-    for _ in _z_chunks(n, k0, k1, step, stream_word, pair_offset, out.reshape(-1)):
-        pass
+    flat = out.reshape(-1)
+
+    def part(lo, hi):
+        for _ in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2, flat[lo:hi]):
+            pass
+
+    _run_parts(n, threads, part)
     return out
 
 
 def scaled_noise(out, x, *, std: float, normaliser: float, k0: int, k1: int, step: int, stream_word: int,
-                 pair_offset: int) -> None:
+                 pair_offset: int, threads=None) -> None:
     """out = (x + std z) / normaliser (x given) or std z / normaliser, fp32 as
     ``_gaussian_noise_kernel`` computes it (bit for bit), on flat contiguous float32 numpy arrays
-    (out may be x), chunk by chunk: z never leaves the cache."""
+    (out may be x), chunk by chunk: z never leaves the cache. ``threads``: see the module docstring."""
     f = _compiled()
     n = out.size
     stream_word, pair_offset = int(stream_word), int(pair_offset)
@@ -169,12 +276,17 @@ def scaled_noise(out, x, *, std: float, normaliser: float, k0: int, k1: int, ste
     o = out.reshape(-1)
     xf = o[:0] if x is None else x.reshape(-1)
     std, norm = np.float32(std), np.float32(normaliser)
-    for e0, e1, z in _z_chunks(n, k0, k1, step, stream_word, pair_offset):
-        f["scale_into"](z, xf[e0:e1], o[e0:e1], std, norm, x is not None)
+    has_x = x is not None
+
+    def part(lo, hi):
+        for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2):
+            f["scale_into"](z, xf[lo + e0:lo + e1] if has_x else xf, o[lo + e0:lo + e1], std, norm, has_x)
+
+    _run_parts(n, threads, part)
 
 
 def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, adam_scalars, nesterov: bool,
-                 k0: int, k1: int, step: int, stream_word: int, pair_offset: int) -> None:
+                 k0: int, k1: int, step: int, stream_word: int, pair_offset: int, threads=None) -> None:
     """The fused DP step of kernels/update.py::_noisy_update_kernel on flat contiguous float32 numpy
     arrays, in place, chunk by chunk (the noise never leaves the cache):
 
@@ -184,7 +296,8 @@ def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, ada
     interpreter's bit for bit. kind: "sgd" | "adam" | "adamw"; state1: momentum buffer (SGD, or None)
     or exp_avg; state2: exp_avg_sq (Adam) or None; grad_out: where g is written, or None. hyper: the
     9 fp32 hyper values (kernels/update.py layout, as floats); adam_scalars: (lr / bc1, sqrt(bc2),
-    1 - lr wd) as float32 (computed by the caller in fp64 as the kernel does), None for SGD."""
+    1 - lr wd) as float32 (computed by the caller in fp64 as the kernel does), None for SGD.
+    ``threads``: see the module docstring (each thread updates its own element range)."""
     f = _compiled()
     n = param.size
     stream_word, pair_offset = int(stream_word), int(pair_offset)
@@ -199,16 +312,26 @@ def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, ada
     std, norm, lr, b1, b2, eps, wd, omb1, omb2 = h
     write = go is not None
     dummy = np.empty(0, np.float32)
-    for e0, e1, z in _z_chunks(n, k0, k1, step, stream_word, pair_offset):
-        sl = slice(e0, e1)
-        gout = go[sl] if write else dummy
-        if kind == "sgd":
-            f["sgd_update"](z, g[sl], p[sl], s1[sl] if s1 is not None else dummy, gout, std, norm, lr, b1, wd,
-                            s1 is not None, bool(nesterov), write)
-        else:
-            step_size, bc2_sqrt, decay = (np.float32(x) for x in adam_scalars)
-            f["adam_update"](z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size,
-                             bc2_sqrt, decay, kind == "adamw", write)
+    if kind == "sgd":
+        has_buf, nest = s1 is not None, bool(nesterov)
+    elif kind in ("adam", "adamw"):
+        step_size, bc2_sqrt, decay = (np.float32(x) for x in adam_scalars)
+        decoupled = kind == "adamw"
+    else:
+        raise ValueError(f"kind must be 'sgd', 'adam' or 'adamw', got {kind!r}")
+
+    def part(lo, hi):
+        for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2):
+            sl = slice(lo + e0, lo + e1)
+            gout = go[sl] if write else dummy
+            if kind == "sgd":
+                f["sgd_update"](z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd,
+                                has_buf, nest, write)
+            else:
+                f["adam_update"](z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd,
+                                 step_size, bc2_sqrt, decay, decoupled, write)
+
+    _run_parts(n, threads, part)
 
 
 def philox_words(c0, c1, c2, c3, k0: int, k1: int) -> np.ndarray:

@@ -120,6 +120,13 @@ def _ufunc(f, t: Tensor) -> Tensor:
     return getattr(torch, f.__name__)(t)
 
 
+def _cpu_threads() -> int:
+    """Threads of dpprims.noise_cpu under torch: at most torch's intra-op thread count
+    (torch.set_num_threads) and at most dpprims.noise_cpu.get_num_threads() (DPPRIMS_NOISE_THREADS).
+    The numbers never depend on it."""
+    return max(1, min(torch.get_num_threads(), _ncpu.get_num_threads()))
+
+
 def _seed_ints(seed: Tensor) -> tuple[int, int]:
     lo, hi = (int(w) & _M32 for w in seed.reshape(-1)[:2].tolist())
     return lo, hi
@@ -136,7 +143,8 @@ def gaussian_noise_torch(n: int, seed: Tensor, step: Tensor, pair_offset: int, r
     step_i = int(step.reshape(-1)[0].item()) & _M32
     if device.type == "cpu" and _ncpu.available():
         out = torch.empty(n, dtype=torch.float32)
-        _ncpu.gaussian_noise(n, k0, k1, step_i, _nz.stream_word(rank), pair_offset, out=out.numpy())
+        _ncpu.gaussian_noise(n, k0, k1, step_i, _nz.stream_word(rank), pair_offset, out=out.numpy(),
+                             threads=_cpu_threads())
         return out
     word3 = _nz.stream_word(rank)
     n_pairs = (n + 1) // 2
@@ -176,7 +184,7 @@ def _launch_noise(x: Tensor, seed: Tensor, step: Tensor, scal: Tensor, pair_offs
         std, normaliser = scal.tolist()[:2]
         _ncpu.scaled_noise(out.detach().numpy(), x.detach().numpy() if add_x else None, std=std,
                            normaliser=normaliser, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & _M32,
-                           stream_word=_nz.stream_word(rank), pair_offset=pair_offset)
+                           stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=_cpu_threads())
         return
     if backend == "torch":
         z = gaussian_noise_torch(n, seed, step, pair_offset, rank).reshape(x.shape)

@@ -31,7 +31,7 @@ from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import update as _ku
 
 from ._backend import record
-from .noise import _check_scalars, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
+from .noise import _check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
 
 __all__ = ["add_noise_and_step", "make_hyper"]
 
@@ -74,7 +74,7 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
                 None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
             hyper=hyper.tolist()[:_ku.N_HYPER], adam_scalars=None if kind == _ku.SGD else _adam_scalars_f64(step, hyper),
             nesterov=nesterov, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & 0xFFFFFFFF,
-            stream_word=_nz.stream_word(rank), pair_offset=pair_offset)
+            stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=_cpu_threads())
         return
     z = gaussian_noise_torch(param.numel(), seed, step, pair_offset, rank).reshape(param.shape)
     std, norm, lr, b1, b2, eps, wd, omb1, omb2 = (hyper[i] for i in range(_ku.N_HYPER))
