@@ -29,6 +29,12 @@ Paths:
   corrections are fp64 scalars as in the kernel when x64 is enabled - then the jnp path equals the
   interpreter (and the torch plain path) bit for bit on CPU; without x64 they are computed in fp32
   as -expm1(t log1p(-(1 - b))) (a few fp32 ulp in lr / bc1 and sqrt(bc2)).
+  Where the noise runs on the host anyway (LIBM resolves to "host": a CPU with numba) and every
+  buffer is fp32, the whole update - noise and optimizer arithmetic of all leaves - is instead ONE
+  ``buffer_callback`` into ``dpprims.noise_cpu.noisy_update`` (the torch plain path's numba code),
+  in place on the aliased parameter / state buffers (:func:`_update_host`): the same numbers, with
+  Adam's bias corrections in fp64 as the kernel (with or without x64). ``HOST_UPDATE`` /
+  ``DPPRIMS_JAX_HOST_UPDATE=0`` switch it off.
 
 Parameters are any pytree; its leaves, in ``jax.tree_util.tree_leaves`` order (dict keys sorted,
 sequences in order), are the parameter list. Leaf i gets noise pairs
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from dpprims import noise as _nz
+from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import update as _ku
 
 from . import _call
@@ -57,6 +65,7 @@ __all__ = ["noisy_update", "init_opt_state", "make_hyper", "noisy_update_leaf", 
 
 OPTIMIZERS = tuple(_ku.OPTIMIZERS)
 _F32 = jnp.float32
+_M32 = 0xFFFFFFFF
 _STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 
 
@@ -197,6 +206,111 @@ def _update_jnp(params, grads, s1s, s2s, seed, step, hyper, words, *, offsets: t
     return out
 
 
+# ----------------------------------------------------------------------------- the host update
+try:  # in place on XLA's buffers from Python (JAX >= 0.7; experimental API)
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # pragma: no cover - older JAX: the XLA update above runs instead
+    _buffer_callback = None
+
+
+HOST_UPDATE = os.environ.get("DPPRIMS_JAX_HOST_UPDATE", "1").strip() != "0"
+"""The jnp path's fp32 update runs as one host callback (:func:`_update_host`) where the noise runs
+on the host anyway (LIBM resolves to "host"); ``DPPRIMS_JAX_HOST_UPDATE=0`` keeps the XLA update
+(``_update_jnp``: the noise callback, then XLA loops). Read at trace time. The same numbers either
+way (x64 on; without x64 the XLA update's Adam bias corrections are fp32 approximations)."""
+
+
+def _host_ok(params, grads, s1s, s2s) -> bool:
+    """The host update applies: ``HOST_UPDATE``, ``buffer_callback`` exists and every buffer is
+    float32 (what ``dpprims.noise_cpu.noisy_update`` computes on; bf16 / fp64 buffers take
+    ``_update_jnp``)."""
+    return HOST_UPDATE and _buffer_callback is not None and all(
+        a is None or jnp.result_type(a) == jnp.float32 for lst in (params, grads, s1s, s2s) for a in lst)
+
+
+def _pow_f64_host(base: float, t: int) -> float:
+    """kernels/update.py::_pow_f64 in Python doubles (the same squarings in the same order)."""
+    acc = 1.0
+    for i in range(31):
+        if (t >> i) & 1:
+            acc = acc * base
+        base = base * base
+    return acc
+
+
+def _adam_scalars_host(t: int, h) -> tuple:
+    """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as the kernel does (so the host
+    update is the kernel's bit for bit with or without x64). numpy doubles: a traced step <= 0 (outside
+    the documented contract) gives inf / NaN as the kernel does, not a Python exception."""
+    f64 = np.float64
+    lr, wd, omb1, omb2 = (f64(h[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
+    t = int(t)  # Python's >> and & on a negative int act on two's complement, as the kernel's int32
+    with np.errstate(all="ignore"):
+        bc1 = f64(1.0) - f64(_pow_f64_host(float(f64(1.0) - omb1), t))
+        bc2 = f64(1.0) - f64(_pow_f64_host(float(f64(1.0) - omb2), t))
+        return np.float32(lr / bc1), np.float32(np.sqrt(bc2)), np.float32(f64(1.0) - lr * wd)
+
+
+def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, kind: int, rank: int,
+                 nesterov: bool, write_grad: bool):
+    """The fused update of all (float32, flat) leaves in ONE host callback into
+    ``dpprims.noise_cpu.noisy_update`` (numba; the torch plain path's code): per noise chunk, the
+    noise and the kernel's update arithmetic in one pass, in place.
+
+    ``jax.experimental.buffer_callback`` hands XLA's buffers to Python: the parameters and the
+    optimizer state are aliased to the outputs (``input_output_aliases``), so under
+    ``jax.jit(..., donate_argnums=...)`` the update writes into the donated buffers with no copy
+    (without donation XLA copies the inputs first: the caller's arrays are never modified), and z is
+    never materialised in XLA. Against ``_update_jnp`` (the noise in one callback, then the update
+    as XLA loops) this saves the noise vector's round trip through memory, one XLA pass per leaf
+    and the callback's result copy.
+
+    Privacy-relevant, unchanged: leaf i draws exactly the pairs [offsets[i], offsets[i] + ceil(n_i / 2))
+    of the stream (seed, step, stream_word(rank)) - the numbers of one ``noisy_update_spec`` kernel
+    launch per leaf at those pair offsets, bit for bit (numpy's float32 log / cos / sin, as the
+    interpreter) - and g = (clipped_sum + std z) / normaliser with every fp32 operation of the kernel
+    in its order. Adam's bias corrections are computed in fp64 on the host as in the kernel (with or
+    without x64). noise_std, normaliser and lr stay runtime values (the hyper array)."""
+    L = len(params)
+    name = {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind]
+    stream = _nz.stream_word(rank)
+    have1 = [s is not None for s in s1s]
+    have2 = [s is not None for s in s2s]
+    # flat inputs: seed, step, hyper, params..., grads..., present s1s..., present s2s...
+    ins = [seed, step, hyper, *params, *grads, *[s for s in s1s if s is not None],
+           *[s for s in s2s if s is not None]]
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    outs = [sds(p) for p in params] + [sds(s) for s in s1s if s is not None] + \
+        [sds(s) for s in s2s if s is not None] + ([sds(g) for g in grads] if write_grad else [])
+    n1, n2 = sum(have1), sum(have2)
+    aliases = {3 + i: i for i in range(L)}  # params -> their outputs
+    aliases.update({3 + 2 * L + j: L + j for j in range(n1 + n2)})  # optimizer state -> its outputs
+
+    def host(ctx, out, seed, step, hyper, *flat):
+        del ctx
+        gs = flat[L:2 * L]
+        k0, k1 = (int(w) & _M32 for w in np.asarray(seed).reshape(-1)[:2])
+        t = int(np.asarray(step).reshape(-1)[0])
+        h = [float(x) for x in np.asarray(hyper).astype(np.float32).reshape(-1)[:_ku.N_HYPER]]
+        adam = None if kind == _ku.SGD else _adam_scalars_host(t, h)
+        po, so = out[:L], iter(out[L:L + n1 + n2])
+        s1o = [next(so) if h1 else None for h1 in have1]
+        s2o = [next(so) if h2 else None for h2 in have2]
+        go = out[L + n1 + n2:] if write_grad else [None] * L
+        for i in range(L):
+            # the aliased outputs hold the parameter / state values on entry; updated in place
+            arrs = [None if b is None else np.asarray(b) for b in (po[i], gs[i], s1o[i], s2o[i], go[i])]
+            _ncpu.noisy_update(name, *arrs, hyper=h, adam_scalars=adam, nesterov=nesterov, k0=k0, k1=k1,
+                               step=t & _M32, stream_word=stream, pair_offset=offsets[i])
+
+    res = _buffer_callback(host, outs, input_output_aliases=aliases, vmap_method="sequential")(*ins)
+    new_p, rest = list(res[:L]), iter(res[L:L + n1 + n2])
+    new_s1 = [next(rest) if h1 else None for h1 in have1]
+    new_s2 = [next(rest) if h2 else None for h2 in have2]
+    gs = list(res[L + n1 + n2:]) if write_grad else [None] * L
+    return new_p, new_s1, new_s2, gs
+
+
 # ----------------------------------------------------------------------------- kernel calls
 def _check_leaf(kind: int, optimizer: str, param, grad, state1, state2):
     if kind != _ku.SGD and (state1 is None or state2 is None):
@@ -238,8 +352,12 @@ def _update_leaves(params, grads, s1s, s2s, seed, step, hyper, *, kind: int, off
 
 def _update_flat(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, rank, nesterov, write_grad):
     def plain(seed, step, hyper, params, grads, s1s, s2s):
+        libm = _jn._libm()
+        if libm == "host" and _host_ok(params, grads, s1s, s2s):
+            return _update_host(params, grads, s1s, s2s, seed, step, hyper, offsets=offsets, kind=kind, rank=rank,
+                                nesterov=nesterov, write_grad=write_grad)
         return _update_jnp(params, grads, s1s, s2s, seed, step, hyper, _jn.noise_words(offsets[0], rank),
-                           offsets=offsets, kind=kind, nesterov=nesterov, write_grad=write_grad, libm=_jn._libm(),
+                           offsets=offsets, kind=kind, nesterov=nesterov, write_grad=write_grad, libm=libm,
                            x64=bool(jax.config.jax_enable_x64))
 
     def kernel(path, seed, step, hyper, params, grads, s1s, s2s):
