@@ -214,9 +214,10 @@ class DPEngine:
                 raise ValueError(f"loss has {per_example_B} per-example entries but the layers saw B = {B}")
             scale = float(B) if mean else 1.0
             device = next(self.model.parameters()).device
-            sq = torch.zeros(B, device=device, dtype=torch.float32)
+            sq = None
             for h, _ in active:
-                sq = sq + h.sq_norms(B)
+                s = h.sq_norms(B)
+                sq = s if sq is None else sq + s  # (handlers return fresh fp32 [B] tensors)
             if scale != 1.0:
                 sq = sq * (scale * scale)
             # design (c) layers: rho_i = sqrt(sum_l (u S_i^l)^2), alpha_i = sqrt(sum_l (alpha_i^l)^2)
@@ -231,7 +232,7 @@ class DPEngine:
                 mask = torch.as_tensor(mask, device=device)
                 if mask.shape != (B,):
                     raise ValueError(f"mask must have shape [B] = [{B}], got {tuple(mask.shape)}")
-            C = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
+            C = self._clip_norm_tensor(device)
             route = None
             if slack is not None and self.clipped_sum == "auto":
                 # per-example routing: where the slack would cost more than rounding_slack_max
@@ -257,13 +258,20 @@ class DPEngine:
                 self.exact_route = None
             # Step statistics stay on the device (no host sync per physical batch); callers
             # read them with int(...) when they log.
-            valid = torch.ones(B, dtype=torch.bool, device=device) if mask is None else (mask != 0)
-            nonfinite = (~torch.isfinite(norms) & valid).sum()
+            if mask is None:  # every row is valid: two reductions, no [B] mask to build
+                valid = None
+                nonfinite = (~torch.isfinite(norms)).sum()
+                clipped = (norms > self.max_grad_norm).sum()
+            else:
+                valid = mask != 0
+                nonfinite = (~torch.isfinite(norms) & valid).sum()
+                clipped = ((norms > self.max_grad_norm) & valid).sum()
             self.nonfinite_total = self.nonfinite_total + nonfinite
-            self.last_stats = dict(batch_size=B, nonfinite=nonfinite,
-                                   clipped=((norms > self.max_grad_norm) & valid).sum(),
+            self.last_stats = dict(batch_size=B, nonfinite=nonfinite, clipped=clipped,
                                    backends=dict(_backend.LAST_BACKEND))
             if slack is not None:
+                if valid is None:
+                    valid = torch.ones(B, dtype=torch.bool, device=device)
                 # mean over the valid examples with 0 < n_i < inf of rho_i / n_i: how much
                 # smaller design (c) made the clip factors of the examples it clipped
                 ok = valid & torch.isfinite(norms) & (norms > 0)
@@ -274,6 +282,17 @@ class DPEngine:
         finally:
             for h in self.handlers:
                 h.state.clear()
+
+    def _clip_norm_tensor(self, device) -> torch.Tensor:
+        """max_grad_norm as the one-element fp32 tensor clip_factors takes, built once per (device,
+        value) (read-only: the clip ops never write it; keyed by the value, so assigning
+        ``engine.max_grad_norm`` later still takes effect)."""
+        cache = self.__dict__.setdefault("_clip_norm_cache", {})
+        key = (device, float(self.max_grad_norm))
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.tensor([self.max_grad_norm], device=device, dtype=torch.float32)
+        return t
 
     def _total_loss(self, loss: torch.Tensor):
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:

@@ -75,7 +75,53 @@ class LinearHandler(LayerHandler):
         # over the concatenated positions.
         return torch.cat(As, dim=1), torch.cat(Gs, dim=1)
 
+    def _rank1_rows(self):
+        """(a [B, d], g [B, p]) fp32 of the plain-torch T = 1 path, or None where it does not
+        apply (Triton backends, T > 1, no weight or bias to clip). With T = 1 the per-example
+        weight gradient is the outer product g_i a_i^T: its squared norm is ||g_i||^2 ||a_i||^2
+        (bias: ||g_i||^2) and the clipped sum is the one weight-gradient GEMM (c * g)^T a."""
+        A, G = self._pairs()
+        if A.shape[1] != 1 or _backend.backend_for(A) != "torch":
+            return None
+        return A[:, 0].float(), G[:, 0].float()
+
+    def _plan_rank1(self, Bc: int, D: int, P: int, dtype, itemsize: int) -> dict:
+        """The plan row of a plain-torch T = 1 layer: a pure function of the shapes, built once
+        per shape (it costs as much Python as the layer's norm pass)."""
+        key = (Bc, D, P, dtype)
+        cached = self.__dict__.setdefault("_plan_rank1_cache", {})
+        if key not in cached:
+            costs = norm_flops(1, D, P)
+            cached[key] = dict(layer=self.name, kind=self.kind, T=1, d=D, p=P, method="outer", clipped_sum="rank1",
+                               norm_flops=Bc * costs["outer"], weight_grad_flops=2 * Bc * D * P,
+                               norm_bytes=Bc * (D + P) * itemsize, weight_grad_bytes=Bc * (D + P) * itemsize + 4 * D * P,
+                               cpu_ms={k: v * 1e3 for k, v in layer_costs(Bc, 1, D, P, conv=False).items()})
+        return cached[key]
+
+    def _sq_norms_rank1(self, B: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        A, _ = self._pairs()
+        w = m.weight.requires_grad
+        b = m.bias is not None and m.bias.requires_grad
+        g2 = sq_rows(g)  # ||g_i||^2; a NaN / inf row gives a non-finite norm (then c_i = 0)
+        if w:
+            _backend.record("linear_weight_sq_norms[outer]", A)
+            # weight ||g_i||^2 ||a_i||^2 plus bias ||g_i||^2 in one product
+            total = g2 * (sq_rows(a) + 1.0) if b else g2 * sq_rows(a)
+        else:
+            total = g2
+        if b:
+            _backend.record("linear_bias_sq_norms", A)
+        if total.shape[0] != B:
+            raise RuntimeError(f"layer {self.name!r}: {total.shape[0]} examples, expected {B}")
+        self.state.step_cache["design"] = "rank1"
+        self.last_plan = self._plan_rank1(A.shape[0], A.shape[2], g.shape[1], A.dtype, A.element_size())
+        return total
+
     def sq_norms(self, B: int) -> torch.Tensor:
+        rows = self._rank1_rows()
+        if rows is not None:
+            return self._sq_norms_rank1(B, *rows)
         A, G = self._pairs()
         Bc, T, D = A.shape
         P = G.shape[2]
@@ -128,7 +174,35 @@ class LinearHandler(LayerHandler):
 
         return self.state.memo("per_example", compute)
 
+    def _accumulate_rank1(self, c: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
+        """sum_i c_i g_i a_i^T as ONE GEMM (c * g)^T a (added into .grad by addmm_ when it
+        exists), bias sum_i c_i g_i; fp32 throughout (no rounding: each contribution is exactly
+        the clipped per-example gradient up to fp32 accumulation). Examples with c_i == 0
+        (padding, non-finite norms) are indexed away from both operands, never multiplied (0 * NaN
+        would be NaN); reading c on the host is free on this CPU path."""
+        m = self.module
+        A, _ = self._pairs()
+        keep = c != 0
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            a, g, c = a.index_select(0, idx), g.index_select(0, idx), c.index_select(0, idx)
+        gs = g * c.unsqueeze(1)  # [B, p]: output gradients scaled row-wise
+        if m.weight.requires_grad:
+            _backend.record("linear_clipped_weight_grad", A)
+            p = m.weight
+            if p.grad is None or p.grad.dtype != torch.float32 or not p.grad.is_contiguous():
+                add_grad(p, torch.mm(gs.t(), a))
+            else:
+                p.grad.addmm_(gs.t(), a)
+        if m.bias is not None and m.bias.requires_grad:
+            _backend.record("linear_clipped_bias_grad", A)
+            add_grad(m.bias, gs.sum(0))
+
     def accumulate_clipped(self, c: torch.Tensor) -> None:
+        if self.state.step_cache.get("design") == "rank1" and "per_example" not in self.state.step_cache:
+            rows = self._rank1_rows()
+            if rows is not None:
+                return self._accumulate_rank1(c, *rows)
         A, G = self._pairs()
         m = self.module
         if m.weight.requires_grad and "per_example" in self.state.step_cache:
