@@ -30,6 +30,7 @@ from dpprims import noise as _nz
 from dpprims import noise_cpu as _ncpu
 from dpprims.kernels import update as _ku
 
+from . import _backend
 from ._backend import record
 from .noise import _check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
 
@@ -108,6 +109,28 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
         denom = _ufunc(np.sqrt, v) / bc2_sqrt + eps
         p = p - (step_size * m) / denom
     param.copy_(p)
+
+
+def _fused_cpu_direct(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
+                      scalars: dict, pair_offset: int, rank: int, nesterov: bool, write_grad: bool) -> Optional[Tensor]:
+    """add_noise_and_step's eager CPU path: ``_launch_update`` + ``_update_torch``'s numba branch
+    without the custom-op dispatch (~20 us a parameter) and with the per-step scalars read once
+    (``scalars``); the same call of dpprims.noise_cpu.noisy_update with the same arguments, so the
+    same bits. Returns None where it does not apply (then the op runs, with its own checks)."""
+    n = param.numel()
+    if n == 0 or not all(t is None or (t.shape == param.shape and t.is_contiguous()) for t in (grad, s1, s2)):
+        return None
+    if not param.is_contiguous() or not _fused_cpu_ok(param, s1, s2, grad):
+        return None
+    _nz.check_pair_range(pair_offset, n)
+    record("noisy_update", param)
+    grad_out = torch.empty_like(grad) if write_grad else None
+    _ncpu.noisy_update(
+        {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], *(
+            None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
+        hyper=scalars["hyper"], adam_scalars=scalars["adam"], nesterov=nesterov, k0=scalars["k0"], k1=scalars["k1"],
+        step=scalars["step"], stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=scalars["threads"])
+    return grad_out if write_grad else grad.new_empty(0)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -244,6 +267,7 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
             state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
         cache: dict = {}
         out = []
+        compiling = torch.compiler.is_compiling()  # traced: the ops (their fakes) must be seen
         for i, (p, off) in enumerate(zip(params, state["pair_offsets"])):
             d = p.device
             if d not in cache:
@@ -253,6 +277,20 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                                        device=d))
             seed_t, step_t, hyper = cache[d]
             grad = p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if d.type == "cpu" and not compiling and _backend.backend_for(p) == "torch" and _ncpu.available():
+                key = ("direct", d)
+                if key not in cache:  # the per-step scalars of the eager CPU path, read once
+                    k0, k1 = _seed_ints(seed_t)
+                    cache[key] = dict(hyper=hyper.tolist()[:_ku.N_HYPER], k0=k0, k1=k1,
+                                      step=int(step_t.reshape(-1)[0].item()) & 0xFFFFFFFF, threads=_cpu_threads(),
+                                      adam=None if kind == _ku.SGD else _adam_scalars_f64(step_t, hyper))
+                s1 = (state["momentum_buffer"][i] if has_momentum else None) if kind == _ku.SGD else state["exp_avg"][i]
+                s2 = None if kind == _ku.SGD else state["exp_avg_sq"][i]
+                g = _fused_cpu_direct(kind, p, s1, s2, grad, cache[key], off, int(rank), bool(nesterov),
+                                      bool(return_noisy_grads))
+                if g is not None:
+                    out.append(g)
+                    continue
             if kind == _ku.SGD:
                 buf = state["momentum_buffer"][i] if has_momentum else None
                 g = _noisy_sgd_update_op(p, buf, grad, seed_t, step_t, hyper, off, int(rank), bool(nesterov),
