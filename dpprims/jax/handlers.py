@@ -24,6 +24,7 @@ from dpprims.bindings.jax import norm as _norm
 from dpprims.kernels.conv import choose_conv_norm_method, conv_norm_flops
 from dpprims.kernels.linear import choose_norm_method, norm_flops
 
+from . import cpu_norms as _cpu
 from .layers import conv_geometry
 
 
@@ -78,12 +79,21 @@ class ConvHandler:
         k, s, pads, d = conv_geometry(module, x.shape[1:-1])
         groups = module.feature_group_count
         geo = _conv.geometry(x, G, k, s, pads, d, groups)
-        m = choose_conv_norm_method(geo.T, geo.D, geo.P, method)
+        # the method the host's path runs: on the jnp path (CPU) the CPU cost model of
+        # dpprims.jax.cpu_norms, on the kernel path the kernels' model (each branch of the op
+        # resolves "auto" itself, so a GPU lowering keeps the kernels' choice)
+        # (_cpu.ENABLED off: the bindings' op, whose jnp path uses im2col and the kernels' model)
+        if _cpu.ENABLED:
+            m = _cpu.method_for_host(geo.T, geo.D, geo.P, geo.KH * geo.KW, method, groups)
+            norm_op, norm_method = _cpu.conv_weight_sq_norms, method
+        else:
+            m = choose_conv_norm_method(geo.T, geo.D, geo.P, method)
+            norm_op, norm_method = _conv.conv_weight_sq_norms, m
         B = x.shape[0]
         sq = jnp.zeros((B,), jnp.float32)
         kw = dict(kernel_size=k, strides=s, padding=pads, dilation=d, groups=groups)
         if "kernel" in params:
-            sq = sq + _conv.conv_weight_sq_norms(x, G, method=m, precision=precision, **kw).astype(jnp.float32)
+            sq = sq + norm_op(x, G, method=norm_method, precision=precision, **kw).astype(jnp.float32)
         Gb = _rows(G, 1)
         if "bias" in params:
             sq = sq + _lin.linear_bias_sq_norms(Gb).astype(jnp.float32)
