@@ -204,6 +204,8 @@ def _fmt_s(s: float) -> str:
 
 
 def write_md(path: str, report: dict) -> None:
+    from dpprims.kernels import linear as kl
+
     arch = report["arch"]
     pk = kr.PEAKS[arch]
     L = [f"# Compiled-kernel report, sm_{arch}", "",
@@ -212,9 +214,14 @@ def write_md(path: str, report: dict) -> None:
          "at the tensor-core peak of the MMA operand type in the PTX (CUDA-core FMA peak when the build has no "
          "MMA), plus design (a)'s per-example scaling pass (acc += c_i * W_i: one fp32 FMA per tile element "
          "per example) at the CUDA-core FMA peak, not overlapped with the MMAs (conservative), bytes = every "
-         "buffer argument once (a lower bound), compute time divided by the busy fraction "
-         "of the last CTA wave. Non-private weight gradient: 2*B*T*d*p flops at the bf16 tensor-core peak "
-         "(bf16) or the fp32 FMA peak (fp32), and its operand bytes.", "",
+         "buffer argument once (a lower bound), plus, in a split-K clipped sum, the last slice's read of the "
+         "slices' fp32 partials (the in-kernel ordered reduction), counted as DRAM traffic. Compute time divided "
+         "by the busy fraction of the GPU: CTAs spread evenly over the SMs, the busiest SM running its CTAs "
+         f"CTAs/SM (occupancy) at a time, each SM at min(1, resident warps / {kl.SATURATING_WARPS}) of its peak "
+         f"(assumption); memory time at the DRAM bandwidth times min(1, SMs in use x {kl.SM_DRAM_SHARE:g} / SMs) "
+         "(assumption: one SM draws at most that multiple of its fair share). Non-private weight gradient: "
+         "2*B*T*d*p flops at the bf16 tensor-core peak (bf16) or the fp32 FMA peak (fp32), and its operand "
+         "bytes with an fp32 gradient, at the full peaks (no under-fill: the baseline is flattered).", "",
          "| peak table | value |", "|---|---|",
          f"| GPU | {pk['gpu']}, {pk['sms']} SMs |",
          f"| bf16/fp16 tensor core (dense) | {pk['tc_bf16'] / 1e12:.1f} TFLOP/s |",
@@ -222,7 +229,9 @@ def write_md(path: str, report: dict) -> None:
          f"| fp32 FMA (CUDA cores) | {pk['fma_fp32'] / 1e12:.1f} TFLOP/s |",
          f"| DRAM bandwidth | {pk['dram_bps'] / 1e12:.2f} TB/s |",
          f"| per SM | {pk['regs_per_sm']} registers, {pk['smem_per_sm'] // 1024} KiB shared, "
-         f"{pk['max_warps_per_sm']} warps, {pk['max_ctas_per_sm']} CTAs |", "",
+         f"{pk['max_warps_per_sm']} warps, {pk['max_ctas_per_sm']} CTAs |",
+         f"| assumed: warps an SM needs for its peak | {kl.SATURATING_WARPS} |",
+         f"| assumed: most DRAM bandwidth one SM draws | {kl.SM_DRAM_SHARE:g} x 1/{pk['sms']} |", "",
          "## Per model (one DP step)", "",
          "| model | dtype | B | launches | norm pass us | clipped GEMM us | other us | non-private wgrad us | "
          "clipped / non-private | norm / non-private | clipped on tensor cores | spills | failed |",

@@ -28,8 +28,11 @@ No GPU is needed. Three steps:
 Costs (:func:`launch_cost`) and the roofline estimate (:func:`roofline_s`) are ESTIMATES FROM
 COMPILED CODE, NOT MEASUREMENTS: executed MMA flops of the tiles the launch computes (padding
 included), bytes = every buffer argument read or written once (a lower bound: tiles re-read from
-L2 are not counted), at the peaks of :data:`PEAKS`, with the compute time divided by the
-fraction of the last wave of CTAs that is busy.
+L2 are not counted; the split-K epilogue's read of the slices' partials is counted as DRAM
+traffic of the kernel), at the peaks of :data:`PEAKS`. The compute time is divided by
+the busy fraction of the GPU (CTAs spread over the SMs, each SM at a share of its peak set by its
+resident warps), the memory time by the share of DRAM bandwidth the SMs in use can draw: the
+model of the split-K choice, dpprims.kernels.linear.busy_fraction / dram_fraction.
 
 Needs a process in which dpprims.kernels was imported WITHOUT ``TRITON_INTERPRET`` (kernels must
 be ``JITFunction``s, not interpreter objects); tests run it in a subprocess.
@@ -58,6 +61,9 @@ PEAKS = {
              dram_bps=2.039e12, smem_per_sm=164 * 1024, smem_per_cta_max=163 * 1024, regs_per_sm=65536,
              max_warps_per_sm=64, max_ctas_per_sm=32),
 }
+# The two ASSUMPTIONS of the occupancy model (warps an SM needs for its peak, the most DRAM
+# bandwidth one SM draws) live with the split-K choice that uses the same model:
+# dpprims.kernels.linear.SATURATING_WARPS and SM_DRAM_SHARE (imported where used).
 ESTIMATE_LABEL = "estimate from compiled code, not a measurement"
 
 _TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -389,6 +395,7 @@ def analyse(compiled, arch: int) -> dict:
     ptx_counts = dict(wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
                       mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)),
                       fma_f32=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)))
+    ptx_counts.update(split_epilogue_order(ptx))
     sass_counts = dict(HGMMA=ops.get("HGMMA", 0), HMMA=ops.get("HMMA", 0), FFMA=ops.get("FFMA", 0),
                        STL=ops.get("STL", 0), LDL=ops.get("LDL", 0))
     num_warps = int(md.num_warps)
@@ -406,6 +413,26 @@ def analyse(compiled, arch: int) -> dict:
         tensor_cores=bool(ptx_counts["wgmma"] or ptx_counts["mma_sync"] or sass_counts["HGMMA"] or sass_counts["HMMA"]),
         occupancy=occupancy(arch, regs, max(dyn_smem, static_smem), num_warps),
     )
+
+
+def split_epilogue_order(ptx: str) -> dict:
+    """The memory ordering of the split-K epilogue (kernels/linear.py ``_store_split_tile``) as
+    compiled: counts of gpu-scope acq_rel atomics, L2 (``.cg``) stores and loads, and
+    ``split_epilogue_ordered``: every ``.cg`` store precedes a ``bar.sync`` that precedes the
+    first acq_rel atomic, and every ``.cg`` load follows that atomic (None without an atomic)."""
+    lines = ptx.split("\n")
+
+    def idx(pat):
+        return [i for i, l in enumerate(lines) if re.search(pat, l)]
+
+    atoms = idx(r"\batom\.global\.gpu\.acq_rel\.")
+    st, ld, bar = idx(r"\bst\.global\.cg\b"), idx(r"\bld\.global\.cg\b"), idx(r"\bbar\.sync\b")
+    ordered = None
+    if atoms:
+        a = atoms[0]
+        last_st = max(st) if st else -1
+        ordered = bool(st and ld and last_st < a and any(last_st < b < a for b in bar) and min(ld) > a)
+    return dict(atom_acq_rel_gpu=len(atoms), st_cg=len(st), ld_cg=len(ld), split_epilogue_ordered=ordered)
 
 
 _PTXAS_V = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -471,6 +498,7 @@ def launch_cost(launch: Launch) -> dict:
     flops = None
     useful = None
     scale = 0
+    reduce_bytes = 0
     try:
         if name.endswith("_norm_direct_kernel"):
             T, BT, BD, BP = c("T"), c("BLOCK_T"), c("BLOCK_D"), c("BLOCK_P")
@@ -498,11 +526,22 @@ def launch_cost(launch: Launch) -> dict:
                 # design (a): acc += c_i * W_i, one fp32 FMA per tile element per example, on
                 # CUDA cores (counted apart: it does not run at the tensor-core peak)
                 scale = g[0] * g[1] * B * 2 * BD * BP
+            ws = b.get("ws_ptr")
+            if g[2] > 1 and hasattr(ws, "numel"):
+                # split-K epilogue (kernels/linear.py _store_split_tile): the last slice of each
+                # tile reads the g[2] partials back (their writes, the workspace, and the output
+                # are in ``bytes``), in the kernel; counted at DRAM (not as L2 hits)
+                nbytes += 4 * int(ws.numel())
+            elif g[2] > 1 and hasattr(b.get("out_ptr"), "numel"):
+                # a binding that sums [g[2], P, D] partials after the kernel: that pass reads
+                # them all and writes one [P, D]
+                out = b["out_ptr"]
+                reduce_bytes = 4 * (int(out.numel()) + int(out.numel()) // g[2])
         else:
             flops = 0
     except (TypeError, KeyError):  # a kernel whose parameters changed: bytes only
         flops = useful = None
-    return dict(mma_flops=flops, flops_useful=useful, bytes=nbytes, fma_flops=scale)
+    return dict(mma_flops=flops, flops_useful=useful, bytes=nbytes, fma_flops=scale, reduce_bytes=reduce_bytes)
 
 
 def mma_peak(arch: int, info: dict, dtype: str) -> tuple[float, str]:
@@ -519,19 +558,37 @@ def mma_peak(arch: int, info: dict, dtype: str) -> tuple[float, str]:
     return pk["fma_fp32"], "CUDA-core fp32 FMA"
 
 
+def busy_fraction(arch: int, programs: int, ctas_per_sm: int, num_warps: int) -> float:
+    """Fraction of the compute peak a grid keeps busy: the model the split-K choice uses
+    (:func:`dpprims.kernels.linear.busy_fraction`; CTAs spread over the SMs, ``ctas_per_sm``
+    at a time, an SM at min(1, resident warps / SATURATING_WARPS) of its peak). An estimate."""
+    from dpprims.kernels.linear import busy_fraction as bf
+
+    return bf(programs, PEAKS[arch]["sms"], max(1, ctas_per_sm), num_warps)
+
+
+def dram_fraction(arch: int, programs: int) -> float:
+    """Share of DRAM bandwidth a grid can draw (:func:`dpprims.kernels.linear.dram_fraction`)."""
+    from dpprims.kernels.linear import dram_fraction as df
+
+    return df(programs, PEAKS[arch]["sms"])
+
+
 def roofline_s(arch: int, flops: float, nbytes: float, peak: float, programs: int, ctas_per_sm: int,
-               fma_flops: float = 0) -> dict:
-    """max(compute, memory) seconds; compute at ``peak`` (plus ``fma_flops`` at the CUDA-core
-    fp32 FMA peak, not overlapped with the MMAs: conservative) divided by the busy fraction of
-    the CTA waves (a grid smaller than the GPU runs at a fraction of its peak). An estimate."""
+               fma_flops: float = 0, *, num_warps: int = 4, reduce_bytes: float = 0) -> dict:
+    """max(compute, memory) seconds, plus a following memory-bound pass of ``reduce_bytes`` (the
+    ordered sum of split-K partials the binding runs after the kernel, at full bandwidth).
+
+    Compute at ``peak`` (plus ``fma_flops`` at the CUDA-core fp32 FMA peak, not overlapped with
+    the MMAs: conservative) divided by :func:`busy_fraction`; memory at the DRAM bandwidth times
+    :func:`dram_fraction`. An estimate."""
     pk = PEAKS[arch]
-    slots = max(1, pk["sms"] * max(1, ctas_per_sm))
-    waves = max(1, math.ceil(programs / slots))
-    busy = programs / (waves * slots)
+    busy = busy_fraction(arch, programs, ctas_per_sm, num_warps)
     t_c = ((flops or 0) / peak + (fma_flops or 0) / pk["fma_fp32"]) / max(busy, 1e-9)
-    t_m = nbytes / pk["dram_bps"]
-    return dict(seconds=max(t_c, t_m), compute_s=t_c, memory_s=t_m, bound="compute" if t_c >= t_m else "memory",
-                wave_busy_fraction=busy)
+    t_m = nbytes / (pk["dram_bps"] * dram_fraction(arch, programs))
+    t_r = (reduce_bytes or 0) / pk["dram_bps"]
+    return dict(seconds=max(t_c, t_m) + t_r, compute_s=t_c, memory_s=t_m, reduce_s=t_r,
+                bound="compute" if t_c >= t_m else "memory", wave_busy_fraction=busy)
 
 
 def nonprivate_wgrad_s(arch: int, flops: float, nbytes: float, dtype: str) -> float:
@@ -670,7 +727,8 @@ def summarise(rows, builds: dict, arch: int) -> list[dict]:
         else:
             peak, unit = mma_peak(arch, info, dt)
             est = roofline_s(arch, cost["mma_flops"] or 0, cost["bytes"], peak, r["programs"],
-                             info["occupancy"]["ctas_per_sm"], cost["fma_flops"])
+                             info["occupancy"]["ctas_per_sm"], cost["fma_flops"], num_warps=b.num_warps,
+                             reduce_bytes=cost["reduce_bytes"])
             r.update(compiled={k: v for k, v in info.items()}, unit=unit, estimate=est)
         out.append(r)
     return out
@@ -689,5 +747,5 @@ def arg_dtypes(launch: Launch) -> dict:
 
 __all__ = ["PEAKS", "ESTIMATE_LABEL", "Launch", "Build", "record_torch_launches", "record_jax_launches",
            "layer_label", "specialise", "compile_launch", "analyse", "occupancy", "launch_cost", "mma_peak",
-           "roofline_s", "nonprivate_wgrad_s", "compile_all", "compile_builds", "portable", "from_portable", "summarise", "multiplies_half", "is_norm_kernel",
-           "is_clipped_weight_kernel", "arg_dtypes", "kernel_name"]
+           "roofline_s", "busy_fraction", "dram_fraction", "nonprivate_wgrad_s", "compile_all", "compile_builds", "portable", "from_portable", "summarise", "multiplies_half", "is_norm_kernel",
+           "is_clipped_weight_kernel", "arg_dtypes", "kernel_name", "split_epilogue_order"]

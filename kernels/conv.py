@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ._launch import LaunchSpec, block, cdiv, check_arch, interpreting
-from .linear import _round_toward_zero, clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
+from .linear import _round_toward_zero, _store_split_tile, clipped_sum_split, choose_norm_method, norm_flops, segment_block_k
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,19 +227,19 @@ def _conv2d_clipped_weight_grad_kernel(
     SH, SW, PH, PW, DH, DW,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
-    out_ptr,
+    out_ptr, ws_ptr, cnt_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[s, g*P + P-tile, D-tile] = sum over the examples i of split s of c_i (G_i,g^T U_i,g)[tile].
+    """out[g*P + P-tile, D-tile] = sum over the examples i of c_i (G_i,g^T U_i,g)[tile] (split s: its slice).
 
-    ``out`` is [SPLIT, C_out, D], i.e. the weight layout [C_out, C_in/groups, KH, KW] per split.
+    ``out`` is [C_out, D], i.e. the weight layout [C_out, C_in/groups, KH, KW].
     Design (a), as the Linear kernel (docs/PRIVACY.md): one example at a time, its UNSCALED
     input-dtype tiles of G and of the implicit im2col U over its T = H_out*W_out output
     positions (BLOCK_K positions per step, the last step masked at T) are multiplied on tensor
     cores into a fresh fp32 tile W_i, then acc += c_i * W_i. Splits own whole examples and
-    write their own partials (no atomics); an example with c_i == 0 is skipped entirely.
+    are summed in slice order in the kernel (``_store_split_tile``); an example with c_i == 0 is skipped entirely.
     """
     pid_gp = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -273,8 +273,8 @@ def _conv2d_clipped_weight_grad_kernel(
             acc += c * w
 
     rows = grp * P + offs_p
-    out = out_ptr + pid_s.to(tl.int64) * GROUPS * P * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+    _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, rows, offs_d, (offs_p[:, None] < P) & (offs_d[None, :] < D),
+                      D, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -284,12 +284,12 @@ def _conv2d_clipped_weight_grad_rounded_kernel(
     SH, SW, PH, PW, DH, DW,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
-    out_ptr,
+    out_ptr, ws_ptr, cnt_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
 ):
-    """out[s, g*P + P-tile, D-tile] = sum over the rows r = (i, t) of split s of
+    """out[g*P + P-tile, D-tile] = sum over the rows r = (i, t) (split s: its slice) of
     round_toward_zero(c_i G_i,g[t]) U_i,g[t]^T ("rounded rows", design (c), docs/PRIVACY.md).
 
     One implicit-GEMM weight-gradient conv over the B*T output positions on tensor cores, K-blocks
@@ -298,7 +298,7 @@ def _conv2d_clipped_weight_grad_rounded_kernel(
     c_i u S_i,g + tau sqrt(P) sum_t ||u_t|| with S_i,g = sum_t ||g_t|| ||u_t|| (u_t the
     im2col patch), which the engine charges to the clip factor (kernels/clip.py HAS_SLACK):
     use it only with such factors. Rows with c_i == 0 are masked in both operands; splits own
-    whole K-blocks of rows and write their own partials (no atomics).
+    whole K-blocks of rows, summed in slice order in the kernel (``_store_split_tile``).
     """
     pid_gp = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -334,8 +334,8 @@ def _conv2d_clipped_weight_grad_rounded_kernel(
         acc = tl.dot(tl.trans(y), u, acc, input_precision=DOT_PRECISION)
 
     rows = grp * P + offs_p
-    out = out_ptr + pid_s.to(tl.int64) * GROUPS * P * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+    _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, rows, offs_d, (offs_p[:, None] < P) & (offs_d[None, :] < D),
+                      D, BLOCK_P, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,8 +488,8 @@ def _split_roofline(geo: Conv2dGeometry, itemsize: int) -> dict:
 def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
     """Design (a) launch (see the kernel): tiles over (groups x P, D); the B examples are split
     into slices of ``outputs["examples_per_split"]`` whole examples when the tile grid alone
-    cannot fill the GPU. Each slice writes its own [C_out, D] partial that the binding sums in
-    order: deterministic, no atomics. BLOCK_K pads T least
+    cannot fill the GPU. The slices of a tile are summed in slice order by the last of them
+    to finish (kernels/linear.py ``_store_split_tile``): deterministic, no float atomics. BLOCK_K pads T least
     (:func:`dpprims.kernels.linear.segment_block_k`), capped at 32: the implicit-im2col address
     tile of BLOCK_K = 64 took a 64 x 128 build to 255 registers on sm_90 (188 at 32); 16 for
     fp32 operands (``itemsize`` 4), as Linear. ``arch``: compute capability; two fp32

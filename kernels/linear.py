@@ -216,16 +216,59 @@ def _round_toward_zero(x, ROUND_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, rows, offs_d, mask, D,
+                      BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Epilogue of the split-K clipped sums: deterministic, in-kernel, no float atomics.
+
+    ``acc``: this program's fp32 [BLOCK_P, BLOCK_D] partial of output rows ``rows`` and columns
+    ``offs_d`` (row stride D; ``mask`` the valid elements); grid axis 2 holds the split-K
+    slices of the tile (program_id(0), program_id(1)). With one slice the tile is stored to
+    ``out_ptr``. With n > 1, each slice stores its whole tile into its own slot of the workspace
+    ``ws_ptr`` ([n, tiles, BLOCK_P, BLOCK_D] fp32: tile-contiguous and padded, so neither the
+    store nor the loads need a mask), then takes a ticket from the tile's int32 counter (zeroed
+    by the caller) with an acq_rel atomic at gpu scope, after a CTA barrier so that every
+    thread's store precedes the release. The slice that draws the last ticket sums the n slots
+    IN SLICE ORDER 0..n-1 (read through L2 with ``.cg``, its own included: the acquire makes
+    the others' stores visible) and stores the valid part of the tile. The result is the same
+    bits whichever slice finishes last; every slot read was written before its writer's release
+    (no uninitialised workspace is ever read), and no program waits on another (no deadlock
+    whatever the scheduling). Replaces the framework reduction over [n, P, D] partials that ran
+    after the kernel: one pass less over them, and its traffic overlaps other tiles' MMAs."""
+    n_split = tl.num_programs(2)
+    res = acc
+    last = n_split == 1
+    if n_split > 1:
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        slot_stride = n_tiles.to(tl.int64) * (BLOCK_P * BLOCK_D)
+        local = tl.arange(0, BLOCK_P)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        src = ws_ptr + tile.to(tl.int64) * (BLOCK_P * BLOCK_D) + local
+        tl.store(src + tl.program_id(2) * slot_stride, acc, cache_modifier=".cg")
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = ticket == n_split - 1
+        if last:
+            # its own slot is read back too (written above): ``acc`` is dead from the store on,
+            # so the reduction holds one tile, not two (two spilled at 128 x 128)
+            res = tl.zeros_like(acc)
+            for _ in range(0, n_split):
+                res += tl.load(src, cache_modifier=".cg")
+                src += slot_stride
+    # one store for both cases: the tile when unsplit, the ordered sum by the last slice
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], res, mask=mask & last)
+
+
+@triton.jit
 def _linear_clipped_weight_grad_kernel(
     a_ptr, g_ptr, c_ptr,
     B, T, D, P, EXAMPLES_PER_SPLIT,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
-    out_ptr,
+    out_ptr, ws_ptr, cnt_ptr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[s, P-tile, D-tile] = sum over the examples i of split s of c_i (G_i^T A_i)[tile].
+    """out[P-tile, D-tile] = sum over the examples i of c_i (G_i^T A_i)[tile] (split s sums its slice).
 
     Design (a), "scale outside the MMA" (docs/PRIVACY.md): the reduction walks one example at a
     time; the example's UNSCALED operand tiles, in the input dtype (bf16 / fp16 on tensor
@@ -233,8 +276,8 @@ def _linear_clipped_weight_grad_kernel(
     its T positions (BLOCK_K rows per step, the last step masked at T: a K-block never holds
     two examples), and only then acc += c_i * W_i in fp32. Nothing is rounded after c_i is
     applied, so the contribution is c_i times the same product the norm pass measured (up to
-    fp32 accumulation order). Splits own whole examples, each writes its own partial: no
-    example straddles a split and no atomics. An example with c_i == 0 is skipped entirely
+    fp32 accumulation order). Splits own whole examples (none straddles a split) and are summed
+    in slice order in the kernel (``_store_split_tile``: no float atomics). An example with c_i == 0 is skipped entirely
     (its possibly non-finite rows are never read).
     """
     pid_p = tl.program_id(0)
@@ -262,8 +305,8 @@ def _linear_clipped_weight_grad_kernel(
                 w = tl.dot(tl.trans(g), a, w, input_precision=DOT_PRECISION)
             acc += c * w
 
-    out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+    _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_p, offs_d, (offs_p[:, None] < P) & (offs_d[None, :] < D),
+                      D, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -272,11 +315,11 @@ def _linear_clipped_weight_grad_rank1_kernel(
     B, D, P, ROWS_PER_SPLIT,
     stride_ab, stride_ad,
     stride_gb, stride_gp,
-    out_ptr,
+    out_ptr, ws_ptr, cnt_ptr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
 ):
-    """out[s, P-tile, D-tile] = sum over the examples i of split s of y_i a_i^T, T = 1, where
+    """out[P-tile, D-tile] = sum over the examples i of y_i a_i^T, T = 1 (split s sums its slice), where
     y_i = round_toward_zero(c_i g_i) in ROUND_DTYPE.
 
     Design (b), rank one (docs/PRIVACY.md): example i's contribution y_i a_i^T has Frobenius
@@ -316,8 +359,8 @@ def _linear_clipped_weight_grad_rank1_kernel(
             a = _round_toward_zero(a, ROUND_DTYPE)
         acc = tl.dot(tl.trans(y), a, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+    _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_p, offs_d, (offs_p[:, None] < P) & (offs_d[None, :] < D),
+                      D, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -326,11 +369,11 @@ def _linear_clipped_weight_grad_rounded_kernel(
     B, T, D, P, ROWS_PER_SPLIT,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gp,
-    out_ptr,
+    out_ptr, ws_ptr, cnt_ptr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUND_DTYPE: tl.constexpr,
 ):
-    """out[s, P-tile, D-tile] = sum over the rows r = (i, t) of split s of y_r a_r^T, with
+    """out[P-tile, D-tile] = sum over the rows r = (i, t) (split s: its slice) of y_r a_r^T, with
     y_r = round_toward_zero(c_i g_{i,t}) in ROUND_DTYPE ("rounded rows").
 
     Design (c), the rounding-aware clip factor (docs/PRIVACY.md): ONE weight-gradient GEMM over
@@ -344,7 +387,7 @@ def _linear_clipped_weight_grad_rounded_kernel(
     interpreter bf16 operands arrive as fp32 (its bf16 dot is broken) but ROUND_DTYPE stays
     "bf16", so CPU tests check the GPU's rounding. Rows with c_i == 0 are masked in both
     operands (a dropped example's inf/NaN never enters). Splits own whole K-blocks of rows and
-    write their own partial (no atomics).
+    are summed in slice order in the kernel (``_store_split_tile``).
     """
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -373,8 +416,8 @@ def _linear_clipped_weight_grad_rounded_kernel(
             a = _round_toward_zero(a, ROUND_DTYPE)
         acc = tl.dot(tl.trans(y), a, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + pid_s.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=(offs_p[:, None] < P) & (offs_d[None, :] < D))
+    _store_split_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_p, offs_d, (offs_p[:, None] < P) & (offs_d[None, :] < D),
+                      D, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -478,9 +521,44 @@ def sm_count(arch: int) -> int:
 # tensor-core peak over DRAM bandwidth: H100 SXM 989 TFLOP/s / 3.35 TB/s, A100 312 / 2.04)
 RIDGE = {90: 295.0, 80: 153.0}
 
+# The occupancy model shared by the split choice below and the compiled-kernel report
+# (dpprims/kernel_report.py), two ASSUMPTIONS, not datasheet numbers: an SM reaches its compute
+# peak with SATURATING_WARPS resident warps (two per sub-partition, e.g. two wgmma warpgroups)
+# and gets a proportional share with fewer (one 4-warp CTA: half); one SM draws at most
+# SM_DRAM_SHARE times its fair share (1 / SMs) of DRAM bandwidth, so a grid on few SMs cannot
+# stream at the full bandwidth.
+SATURATING_WARPS = 8
+SM_DRAM_SHARE = 2.0
+
+
+def busy_fraction(programs: int, sms: int, ctas_per_sm: int | None = None, num_warps: int = 8) -> float:
+    """Fraction of the GPU's compute peak a grid of ``programs`` CTAs keeps busy (an estimate).
+
+    CTAs are spread evenly over the ``sms`` SMs: the busiest runs ``n = ceil(programs / sms)``
+    of them, ``ctas_per_sm`` at a time (occupancy; None: as many as it needs to saturate). While
+    it holds ``r`` CTAs of ``num_warps`` warps it runs at ``e(r) = min(1, r * num_warps /
+    SATURATING_WARPS)`` of its peak, so it takes ``sum over its rounds of r / e(r)`` CTA-times,
+    against ``programs / sms`` for a balanced, saturated GPU. A grid smaller than the GPU, a last
+    partial round, and an occupancy too low to hide latency (one 4-warp CTA per SM) lower it."""
+    programs = max(int(programs), 1)
+    n = cdiv(programs, sms)
+    c = max(1, ctas_per_sm if ctas_per_sm else cdiv(SATURATING_WARPS, num_warps))
+
+    def cta_times(r: int) -> float:
+        return r / min(1.0, r * num_warps / SATURATING_WARPS)
+
+    full, rem = divmod(n, c)
+    return programs / (sms * (full * cta_times(c) + (cta_times(rem) if rem else 0.0)))
+
+
+def dram_fraction(programs: int, sms: int) -> float:
+    """Share of DRAM bandwidth a grid of ``programs`` CTAs can draw (an estimate):
+    min(1, SMs in use * SM_DRAM_SHARE / sms)."""
+    return min(1.0, min(max(int(programs), 1), sms) * SM_DRAM_SHARE / sms)
+
 
 def clipped_sum_split(n_tiles: int, units: int, min_units: int, arch: int = 90, *, flops: float = 0.0,
-                      nbytes: float = 0.0, split_bytes: float = 0.0) -> int:
+                      nbytes: float = 0.0, split_bytes: float = 0.0, num_warps: int = 8) -> int:
     """Number of deterministic split-K slices when the output tiles alone cannot fill the GPU:
     at most ~4 programs per SM and 64 slices, every slice >= ``min_units`` reduction units, and
     among those the split whose grid fills its last wave of CTAs best (a grid of 5 tiles x 64
@@ -488,29 +566,44 @@ def clipped_sum_split(n_tiles: int, units: int, min_units: int, arch: int = 90, 
     whole units (callers take ``cdiv(units, cdiv(units, split))`` slices), so the wave count is
     judged on that final number. Ties go to the larger split (more programs to balance).
 
-    With the launch's ``flops``, operand ``nbytes`` and the partial-sum bytes each slice adds
-    (``split_bytes``: its fp32 [P, D] partial written, then read by the ordered reduction), the
-    split minimises a roofline time instead, max(flops / busy, RIDGE * bytes): a memory-bound
-    layer (ResNet-50's 1x1 convs at 56x56) then takes few slices, whose partials would
-    otherwise add a fifth to its traffic. Under the interpreter up to 3 slices, so CPU tests
-    exercise the partial sums."""
+    With the launch's ``flops``, operand ``nbytes`` (its fp32 [P, D] output included) and
+    ``split_bytes`` (8 P D: one fp32 [P, D] partial written and read), the split minimises the
+    kernel's roofline time in flop-equivalents (RIDGE flops per byte), ``max(flops / busy,
+    RIDGE * bytes / dram)``: with s > 1 slices each writes its partial to the workspace and the
+    last of a tile reads all s back (:func:`_store_split_tile`), so ``bytes = nbytes
+    + s * split_bytes``; ``busy`` is :func:`busy_fraction` of the grid
+    (``num_warps`` warps per CTA) and ``dram`` its :func:`dram_fraction`: the model of the
+    compiled-kernel report. A memory-bound layer on many tiles (ResNet-50's 1x1 convs at
+    56x56) then takes few slices, whose partials would add to its traffic, and one on few tiles
+    (a 10-way head, a 1x1 conv with 64 channels) takes enough to draw the full bandwidth. Under
+    the interpreter up to 3 slices, so CPU tests exercise the partial sums."""
     if interpreting():
         return max(1, min(3, units))
     sms = sm_count(arch)
     hi = max(1, min(cdiv(4 * sms, n_tiles), cdiv(units, min_units), 64))
+    ridge = RIDGE.get(arch, RIDGE[90] if arch >= 90 else RIDGE[80])
 
-    def busy(s: int) -> float:
-        n = cdiv(units, cdiv(units, s)) * n_tiles
-        return n / (cdiv(n, sms) * sms)
+    def programs(s: int) -> int:
+        return cdiv(units, cdiv(units, s)) * n_tiles
 
     def cost(s: int) -> float:
+        n = programs(s)
         if not flops:
-            return 1.0 / busy(s)
-        return max(flops / busy(s), RIDGE.get(arch, RIDGE[90] if arch >= 90 else RIDGE[80])
-                   * (nbytes + cdiv(units, cdiv(units, s)) * split_bytes))
+            return (cdiv(n, sms) * sms) / n
+        k = cdiv(units, cdiv(units, s))
+        extra = k * split_bytes if k > 1 else 0.0  # (tile padding of the workspace not counted)
+        return max(flops / busy_fraction(n, sms, None, num_warps),
+                   ridge * (nbytes + extra) / dram_fraction(n, sms))
 
     best = min(cost(s) for s in range(1, hi + 1))
     return max(s for s in range(1, hi + 1) if cost(s) <= best * 1.01)
+
+
+def split_workspace_numel(spec: LaunchSpec) -> int:
+    """fp32 elements of the split-K workspace of a clipped weight-gradient launch
+    (``_store_split_tile``): one BLOCK_P x BLOCK_D slot per tile and slice."""
+    g = tuple(spec.grid) + (1,) * (3 - len(spec.grid))
+    return g[0] * g[1] * g[2] * spec.constexprs["BLOCK_P"] * spec.constexprs["BLOCK_D"]
 
 
 def segment_block_k(T: int, cap: int = 64) -> int:
@@ -533,8 +626,8 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
     * T > 1: ``_linear_clipped_weight_grad_kernel`` (design (a)); the B examples are split into
       slices of ``outputs["examples_per_split"]`` whole examples.
 
-    Tiles over (P, D); each slice writes its own [P, D] fp32 partial that the binding sums in
-    order: deterministic, no atomics. ``arch``: compute capability (80, 90, ...). Design (a)
+    Tiles over (P, D); the slices of a tile are summed in slice order by the last of them to
+    finish (``_store_split_tile``): deterministic, no float atomics. ``arch``: compute capability (80, 90, ...). Design (a)
     holds two fp32 [BLOCK_P, BLOCK_D] tiles (the running sum and W_i) in registers: 128 x 128
     with 8 warps on sm_90 (two wgmma warpgroups), 128 x 64 with 4 warps on sm_80. ``itemsize``:
     operand bytes (2 for bf16/fp16, 4 for fp32). BLOCK_K is capped (compiled and counted with
@@ -546,13 +639,17 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
         bd = block(D, 128, 128)
         bk = block(B, 32, 128)
         n_tiles = cdiv(P, bp) * cdiv(D, bd)
-        split = clipped_sum_split(n_tiles, cdiv(B, bk), 8, arch, flops=2.0 * B * D * P,
-                                  nbytes=B * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
+        warps = 8 if (bp * bd >= 128 * 128 and not interpreting()) else 4
+        # slices of whole K-blocks: a head with few tiles (10 x 1024: 8 tiles) splits its rows
+        # until it draws the full DRAM bandwidth
+        split = clipped_sum_split(n_tiles, cdiv(B, bk), 1, arch, flops=2.0 * B * D * P,
+                                  nbytes=B * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D,
+                                  num_warps=warps)
         rows_per_split = cdiv(cdiv(B, split), bk) * bk
         split = max(1, cdiv(B, rows_per_split))
         return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
                           constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
-                          num_warps=8 if (bp * bd >= 128 * 128 and not interpreting()) else 4,
+                          num_warps=warps,
                           outputs={"partials": (split, P, D), "rows_per_split": rows_per_split,
                                    "kernel": "_linear_clipped_weight_grad_rank1_kernel"})
     wide = arch >= 90
@@ -560,12 +657,13 @@ def linear_clipped_weight_grad_spec(B: int, T: int, D: int, P: int, arch: int = 
     bd = block(D, 128 if (wide and itemsize < 4) else 64, 128)
     bk = segment_block_k(T, 16 if itemsize >= 4 else (64 if wide else 32))
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
-    split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)), arch, flops=2.0 * B * T * D * P,
-                              nbytes=B * T * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
-    examples_per_split = cdiv(B, split)
-    split = max(1, cdiv(B, examples_per_split))
     big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
     warps = 8 if (big and not interpreting()) else 4
+    split = clipped_sum_split(n_tiles, B, max(1, cdiv(8 * bk, T)), arch, flops=2.0 * B * T * D * P,
+                              nbytes=B * T * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D,
+                              num_warps=warps)
+    examples_per_split = cdiv(B, split)
+    split = max(1, cdiv(B, examples_per_split))
     return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
                       constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk), num_warps=warps,
                       outputs={"partials": (split, P, D), "examples_per_split": examples_per_split,
@@ -621,13 +719,15 @@ def linear_clipped_weight_grad_rounded_spec(B: int, T: int, D: int, P: int, arch
     if not interpreting() and arch < 90:
         bk = min(bk, 32)
     n_tiles = cdiv(P, bp) * cdiv(D, bd)
+    warps = 8 if (bp * bd >= 128 * 128 and not interpreting()) else 4
     split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, flops=2.0 * rows * D * P,
-                              nbytes=rows * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D)
+                              nbytes=rows * (D + P) * itemsize + 4.0 * P * D, split_bytes=8.0 * P * D,
+                              num_warps=warps)
     rows_per_split = cdiv(cdiv(rows, split), bk) * bk
     split = max(1, cdiv(rows, rows_per_split))
     return LaunchSpec(grid=(cdiv(P, bp), cdiv(D, bd), split),
                       constexprs=dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
-                      num_warps=8 if (bp * bd >= 128 * 128 and not interpreting()) else 4,
+                      num_warps=warps,
                       outputs={"partials": (split, P, D), "rows_per_split": rows_per_split,
                                "kernel": "_linear_clipped_weight_grad_rounded_kernel"})
 

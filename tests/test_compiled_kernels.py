@@ -174,6 +174,21 @@ def test_half_precision_dots_use_tensor_cores(compiled):
                          for b in bad))
 
 
+def test_split_k_epilogue_is_ordered(compiled):
+    """Every clipped weight-gradient build (Linear designs (a)/(b)/(c), Conv (a)/(c)) carries the
+    in-kernel split-K reduction of kernels/linear.py ``_store_split_tile`` with its memory
+    ordering intact in the PTX: the partial stores (``st.global.cg``), then a CTA barrier, then
+    ONE gpu-scope acq_rel ticket atomic, and the reads of the slices' partials
+    (``ld.global.cg``) only after it. Without the barrier or the acquire the last slice could
+    sum a partial before it is written (an uninitialised workspace: no bound on the sum)."""
+    clipped = [b for b in compiled["builds"] if "error" not in b and "_clipped_weight_grad" in b["kernel"]]
+    kernels = {b["kernel"] for b in clipped}
+    assert len(kernels) >= 5, kernels
+    bad = [b for b in clipped if not (b["ptx"]["atom_acq_rel_gpu"] == 1 and b["ptx"]["split_epilogue_ordered"])]
+    assert not bad, "clipped-sum builds without an ordered split-K epilogue:\n" + "\n".join(
+        f"  sm_{b['arch']} {b['build']}: {b['ptx']}" for b in bad)
+
+
 NORM_SPECS = [("linear", "linear_norm_direct_spec"), ("linear", "linear_norm_ghost_spec"),
               ("linear", "rows_sq_norm_spec"), ("linear", "linear_bias_norm_spec"),
               ("conv", "conv2d_norm_direct_spec"), ("conv", "conv2d_norm_ghost_spec"),

@@ -308,6 +308,7 @@ class KernelCall:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     name: str = ""
+    zeroed: tuple = ()  # output names the kernel needs zero-filled (e.g. atomic ticket counters)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ class Arranged:
     metaparams: dict
     grid: tuple
     num_warps: int
+    zeroed: tuple = ()   # indices into out_names of zero-filled outputs
 
 
 def _is_array(v) -> bool:
@@ -378,8 +380,11 @@ def arrange(call: KernelCall) -> Arranged:
     out_names = tuple(names[first:last + 1])
     out_shapes = tuple(jax.ShapeDtypeStruct(tuple(call.outputs[n].shape), call.outputs[n].dtype)
                        for n in out_names)
+    unknown_zeroed = sorted(set(call.zeroed) - set(out_names))
+    if unknown_zeroed:
+        raise TypeError(f"{call.name}: zeroed {unknown_zeroed} are not outputs of {kernel_name(kernel)}")
     return Arranged(kernel, tuple(args), out_names, out_shapes, metaparams, tuple(int(g) for g in call.grid),
-                    int(call.num_warps))
+                    int(call.num_warps), tuple(out_names.index(n) for n in call.zeroed))
 
 
 def kernel_name(kernel) -> str:
@@ -429,6 +434,8 @@ def _launch_jax_triton(arr: Arranged, aliases: dict | None = None):
         # jax-triton counts array arguments only (scalars are not operands)
         array_names = [n for n, v in arr.args if _is_array(v)]
         kw["input_output_aliases"] = {array_names.index(i): arr.out_names.index(o) for i, o in aliases.items()}
+    if arr.zeroed:
+        kw["zeroed_outputs"] = tuple(arr.zeroed)
     outs = jt.triton_call(*[v for _, v in arr.args], kernel=kernel, grid=arr.grid,
                           num_warps=arr.num_warps, **kw, **arr.metaparams)
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
@@ -495,10 +502,10 @@ def _launch_interpreter(arr: Arranged):
         for i, a in zip(array_pos, host_arrays):
             args[i] = _to_torch(a)
         outs = []
-        for s in out_shapes:
+        for j, s in enumerate(out_shapes):
             o = torch.empty(tuple(s.shape), dtype=_torch_dtype(s.dtype))
             # Poisoned: an element the kernel forgets to write fails the comparison.
-            o.fill_(float("nan") if o.is_floating_point() else -1)
+            o.fill_(0 if j in arr.zeroed else (float("nan") if o.is_floating_point() else -1))
             outs.append(o)
         with _INTERPRETER_LOCK:
             kernel[arr.grid](*args, *outs, **arr.metaparams, num_warps=arr.num_warps)

@@ -27,7 +27,7 @@ from dpprims.kernels import conv as _k
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._call import KernelCall, acc_dtype, dispatch, f32, launch, nondifferentiable
-from .linear import _JNP_PRECISION, _kernel_dtype, arch, check_factors, clipped_sum_operand, dot_precision
+from .linear import _JNP_PRECISION, _kernel_dtype, arch, check_factors, clipped_sum_operand, dot_precision, split_outputs
 
 CONV_NORM_METHODS = ("auto", "direct", "ghost")
 _CHUNK_ELEMS = 1 << 24
@@ -244,8 +244,7 @@ def conv_clipped_weight_grad(x, G, c, *, kernel_size, strides, padding, dilation
 
 def _clipped_weight_grad(x, G, c, *, geo, k, s, pads, d, precision):
     def kernel(path, x, G, c):
-        (partials,) = launch(conv_clipped_weight_grad_call(x, G, c, geo, precision), path).values()
-        w = partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)  # [C_out, D], D = (c, kh, kw)
+        w = launch(conv_clipped_weight_grad_call(x, G, c, geo, precision), path)["out_ptr"]  # [C_out, D], D = (c, kh, kw)
         w = w.reshape(geo.C_out, geo.C_in_g, geo.KH, geo.KW)
         w = jnp.transpose(w, (2, 3, 1, 0))  # [KH, KW, C_in_g, C_out]
         return w[0] if len(k) == 1 else w
@@ -264,9 +263,9 @@ def conv_clipped_weight_grad_call(x, G, c, geo: Conv2dGeometry, precision: str) 
                       inputs=dict(x_ptr=x, g_ptr=G, c_ptr=c.astype(jnp.float32), B=geo.B,
                                   EXAMPLES_PER_SPLIT=spec.outputs["examples_per_split"],
                                   **_geo_inputs(geo), **_stride_inputs(geo)),
-                      outputs=dict(out_ptr=f32(spec.outputs["partials"])),
+                      outputs=split_outputs(spec),
                       constexprs=dict(spec.constexprs, DOT_PRECISION=precision),
-                      num_warps=spec.num_warps, name="conv2d_clipped_weight_grad")
+                      num_warps=spec.num_warps, name="conv2d_clipped_weight_grad", zeroed=("cnt_ptr",))
 
 
 def conv_forward(x, w, strides, pads, dilation, groups, precision=None):

@@ -227,8 +227,7 @@ def linear_clipped_weight_grad(A, G, c, precision: str = "ieee"):
 
 def _clipped_weight_grad(A, G, c, *, precision):
     def kernel(path, A, G, c):
-        (partials,) = launch(linear_clipped_weight_grad_call(A, G, c, precision), path).values()
-        return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0)
+        return launch(linear_clipped_weight_grad_call(A, G, c, precision), path)["out_ptr"]
 
     return dispatch("linear_clipped_weight_grad", (A, G, c),
                     lambda A, G, c: jnp_clipped_weight_grad(A, G, c, precision), kernel)
@@ -275,10 +274,21 @@ def linear_clipped_weight_grad_call(A, G, c, precision: str) -> KernelCall:
         inputs = dict(common, T=T, EXAMPLES_PER_SPLIT=spec.outputs["examples_per_split"],
                       stride_at=sa[1], stride_gt=sg[1])
         flags = dict(DOT_PRECISION=precision)
-    return KernelCall(kernel, spec.grid, inputs=inputs,
-                      outputs=dict(out_ptr=f32(spec.outputs["partials"])),
+    return KernelCall(kernel, spec.grid, inputs=inputs, outputs=split_outputs(spec),
                       constexprs=dict(spec.constexprs, **flags),
-                      num_warps=spec.num_warps, name="linear_clipped_weight_grad")
+                      num_warps=spec.num_warps, name="linear_clipped_weight_grad", zeroed=("cnt_ptr",))
+
+
+def split_outputs(spec) -> dict:
+    """Outputs of a clipped weight-gradient launch (kernels/linear.py ``_store_split_tile``):
+    ``out_ptr`` the fp32 result ``spec.outputs["partials"][1:]``, ``ws_ptr`` the fp32
+    workspace of the n split-K slices (grid axis 2; n x tiles x BLOCK_P x BLOCK_D; every slot
+    written before it is read; one element when n = 1, unused), ``cnt_ptr`` one int32 ticket
+    counter per output tile, which the call must zero (``KernelCall.zeroed``)."""
+    shape = spec.outputs["partials"]
+    n = shape[0]
+    return dict(out_ptr=f32(shape[1:]), ws_ptr=f32((_k.split_workspace_numel(spec),) if n > 1 else (1,)),
+                cnt_ptr=jax.ShapeDtypeStruct((spec.grid[0] * spec.grid[1] if n > 1 else 1,), jnp.int32))
 
 
 def jnp_clipped_weight_grad(A, G, c, precision: str = "ieee"):

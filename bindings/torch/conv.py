@@ -37,7 +37,7 @@ from dpprims.kernels import linear as _kl
 from dpprims.kernels.conv import Conv2dGeometry
 
 from ._backend import empty, record
-from .linear import _arch, _check_factors, _dot_precision, _launch, interpreter_safe
+from .linear import _arch, _check_factors, _dot_precision, _launch, interpreter_safe, split_outputs
 
 _METHODS = ("direct", "ghost")
 
@@ -151,22 +151,20 @@ def conv2d_clipped_weight_grad(x: torch.Tensor, G: torch.Tensor, c: torch.Tensor
         return _torch_clipped_weight_grad(x4, G4, c, geo).view(wshape)
     if design == "rounded":
         spec = _k.conv2d_clipped_weight_grad_rounded_spec(geo, arch=_arch(x), itemsize=x.element_size())
-        partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
+        out = split_outputs(spec, x.device)
         xk, Gk = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
         _launch(_k._conv2d_clipped_weight_grad_rounded_kernel, spec, xk, Gk, c,
                 geo.B, *geo.scalars(), spec.outputs["rows_per_split"], *geo.conv_scalars(),
-                *xk.stride(), *Gk.stride(), partials, DOT_PRECISION=prec,
+                *xk.stride(), *Gk.stride(), *out, DOT_PRECISION=prec,
                 ROUND_DTYPE=_kl.clipped_round_dtype(x.dtype, precision))
-        out = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
-        return out.view(wshape)
+        return out[0].view(wshape)
     spec = _k.conv2d_clipped_weight_grad_spec(geo, arch=_arch(x), itemsize=x.element_size())
-    partials = empty(spec.outputs["partials"], device=x.device, dtype=torch.float32)
+    out = split_outputs(spec, x.device)
     x4, G4 = interpreter_safe(x4, backend), interpreter_safe(G4, backend)
     _launch(_k._conv2d_clipped_weight_grad_kernel, spec, x4, G4, c,
             geo.B, *geo.scalars(), spec.outputs["examples_per_split"], *geo.conv_scalars(),
-            *x4.stride(), *G4.stride(), partials, DOT_PRECISION=prec)
-    out = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
-    return out.view(wshape)
+            *x4.stride(), *G4.stride(), *out, DOT_PRECISION=prec)
+    return out[0].view(wshape)
 
 
 @conv2d_clipped_weight_grad.register_fake

@@ -223,24 +223,39 @@ def linear_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor
         Gs = G.float() * c.view(-1, 1, 1)
         return Gs.reshape(-1, P).t() @ A.float().reshape(-1, D)
     spec = _k.linear_clipped_weight_grad_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
-    partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
     A_k, G_k = interpreter_safe(A, backend), interpreter_safe(G, backend)
     if design == "rounded" and T > 1:  # design (c): one GEMM over the B*T rows, c_i g_t rounded toward zero
         spec = _k.linear_clipped_weight_grad_rounded_spec(B, T, D, P, arch=_arch(A), itemsize=A.element_size())
-        partials = empty(spec.outputs["partials"], device=A.device, dtype=torch.float32)
+        out = split_outputs(spec, A.device)
         _launch(_k._linear_clipped_weight_grad_rounded_kernel, spec, A_k, G_k, c,
                 B, T, D, P, spec.outputs["rows_per_split"], *A_k.stride(), *G_k.stride(),
-                partials, DOT_PRECISION=prec, ROUND_DTYPE=_k.clipped_round_dtype(A.dtype, precision))
+                *out, DOT_PRECISION=prec, ROUND_DTYPE=_k.clipped_round_dtype(A.dtype, precision))
     elif T == 1:  # design (b): c_i g_i rounded toward zero onto the INPUT dtype (bf16 kept under the interpreter)
+        out = split_outputs(spec, A.device)
         _launch(_k._linear_clipped_weight_grad_rank1_kernel, spec, A_k, G_k, c,
                 B, D, P, spec.outputs["rows_per_split"], A_k.stride(0), A_k.stride(2),
-                G_k.stride(0), G_k.stride(2), partials, DOT_PRECISION=prec,
+                G_k.stride(0), G_k.stride(2), *out, DOT_PRECISION=prec,
                 ROUND_DTYPE=_k.clipped_round_dtype(A.dtype, precision))
     else:  # design (a): unscaled input-dtype tiles per example, c_i applied to the fp32 tile
+        out = split_outputs(spec, A.device)
         _launch(_k._linear_clipped_weight_grad_kernel, spec, A_k, G_k, c,
                 B, T, D, P, spec.outputs["examples_per_split"], *A_k.stride(), *G_k.stride(),
-                partials, DOT_PRECISION=prec)
-    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+                *out, DOT_PRECISION=prec)
+    return out[0]
+
+
+def split_outputs(spec, device) -> tuple:
+    """(out, workspace, counters) of a clipped weight-gradient launch (kernels/linear.py
+    ``_store_split_tile``): the fp32 result ``spec.outputs["partials"][1:]``; with n > 1
+    split-K slices (grid axis 2) an fp32 workspace of n x tiles x BLOCK_P x BLOCK_D (every slot
+    written before it is read) and one ZEROED int32 ticket counter per output tile; with one
+    slice neither is used (``out`` and a 1-element int32 stand in)."""
+    shape = spec.outputs["partials"]
+    out = empty(shape[1:], device=device, dtype=torch.float32)
+    if shape[0] == 1:
+        return out, out, torch.zeros(1, device=device, dtype=torch.int32)
+    ws = empty((_k.split_workspace_numel(spec),), device=device, dtype=torch.float32)
+    return out, ws, torch.zeros(spec.grid[0] * spec.grid[1], device=device, dtype=torch.int32)
 
 
 @linear_clipped_weight_grad.register_fake
