@@ -34,7 +34,7 @@ batch of each model until OOM, a cap, or --max-batch-time) is searched in the sa
 
 --device cpu (the default without a GPU unless --smoke) runs CPU_CONFIGS in fp32: ResNet-18-GN
 (CIFAR stem, width 64, B = 32), the default `dpprims train` job's MLP 784-256-10 (B = 256) and the
-small transformer (torch methods only: it has no Flax twin), with median and quantiles of --steps
+small transformer (torch and its Flax twin, dpprims.models.jax_transformer), with median and quantiles of --steps
 (default 5) after --warmup (default 2) steps; dpprims' rows then run the plain-torch / jnp paths
 and their step includes dpprims' own certified-tails noise and fused update, whose share of the
 step is measured separately (``noise_update_ms``). It writes <out>/cpu-<date>.json and
@@ -301,8 +301,11 @@ def jax_method(spec):
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if prec == "tf32" else "highest")
     kw = {k: spec[k] for k in ("width", "num_groups") if k in spec}
     if spec["model"] == "transformer":
-        raise _Skip("the small transformer has no Flax twin in dpprims.models")
-    if spec["model"] == "mlp":
+        # the Flax twin of the torch small_transformer (same defaults and patch rule; NHWC)
+        from dpprims.models.jax_transformer import small_transformer as jax_small_transformer
+
+        model = jax_small_transformer(spec["num_classes"], input_size=spec["image"])
+    elif spec["model"] == "mlp":
         model = jax_resnet.mlp(hidden=tuple(spec["hidden"]), num_classes=spec["num_classes"])
     elif spec.get("layers"):  # smoke: fewer blocks per stage, same ResNet code
         block = jax_resnet.BasicBlock if spec["model"] == "resnet18" else jax_resnet.Bottleneck
@@ -311,7 +314,7 @@ def jax_method(spec):
         name = spec["model"] + ("-cifar" if spec["cifar"] else "")
         model = jax_resnet.get_jax_model(name, num_classes=spec["num_classes"], **kw)
     S = spec["image"]
-    xshape = (spec["in_features"],) if spec["model"] == "mlp" else (S, S, 3)
+    xshape = (spec["in_features"],) if spec["model"] == "mlp" else (S, S, spec.get("channels", 3))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + xshape, jnp.float32))["params"]
     cdt = jnp.bfloat16 if prec == "bf16" else jnp.float32
 
