@@ -26,6 +26,9 @@ pytestmark = [
 ]
 
 SEED = 0x1234_5678_9ABC_DEF1
+# the host update's buffer callback aliases its outputs to the parameter / state operands (the host
+# noise of the XLA update is a buffer callback too, without aliases)
+HOST_MARK = "output_operand_alias"
 # odd sizes; "big" has 2 * 17011 + 1 elements: more than one noise chunk (CHUNK_PAIRS pairs) and
 # split over threads, with an odd tail
 SHAPES = {"big": (34023,), "k": (13, 7), "v": (5,), "z": (3, 1, 3)}
@@ -86,10 +89,10 @@ def test_host_update_equals_xla_update_bit_for_bit(case, monkeypatch):
     params = _tree(rng)
     grads = [_tree(rng, 4.0) for _ in range(2)]
     host, text = _steps(case, params, grads, "host", monkeypatch)
-    assert "xla_buffer_python_cpu_callback" in text
+    assert HOST_MARK in text
     for mode in ("xla-numpy", "xla-host-noise"):
         ref, rtext = _steps(case, params, grads, mode, monkeypatch)
-        assert "xla_buffer_python_cpu_callback" not in rtext
+        assert HOST_MARK not in rtext
         for i, (a, b) in enumerate(zip(jax.tree.leaves(host), jax.tree.leaves(ref))):
             _eq(a, b, f"{case} {mode} array {i}")
 
@@ -126,7 +129,7 @@ def test_bf16_buffers_take_the_xla_update(monkeypatch):
     params = _tree(rng, dtype=jnp.bfloat16)
     grads = [_tree(rng, 2.0, jnp.bfloat16)]
     host, text = _steps("sgd-momentum", params, grads, "host", monkeypatch)
-    assert "xla_buffer_python_cpu_callback" not in text
+    assert HOST_MARK not in text
     ref, _ = _steps("sgd-momentum", params, grads, "xla-numpy", monkeypatch)
     for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(ref)):
         _eq(a.astype(np.float32), b.astype(np.float32), "bf16")
@@ -169,4 +172,22 @@ def test_env_switch_keeps_the_xla_update(monkeypatch):
     monkeypatch.setattr(JU, "HOST_UPDATE", False)
     fn = _runner("sgd-momentum")
     s = JU.init_opt_state(params, "sgd", momentum=0.9)
-    assert "xla_buffer_python_cpu_callback" not in fn.lower(params, params, s, jnp.asarray([1], jnp.int32)).as_text()
+    assert HOST_MARK not in fn.lower(params, params, s, jnp.asarray([1], jnp.int32)).as_text()
+
+
+@pytest.mark.parametrize("n,offset,rank", [(1, 0, 0), (7, 5, 2), (40001, 2**32 - 3, 1)])
+def test_buffer_noise_equals_pure_callback_noise(n, offset, rank, monkeypatch):
+    """The host noise written into XLA's buffer (BUFFER_NOISE) is the pure_callback's array bit
+    for bit, including a pair range that carries into the high counter word."""
+    words = jnp.asarray(JN.noise_words(offset, rank))
+    seed = JN.as_seed_array(SEED)
+    outs = []
+    for buffered in (True, False):
+        monkeypatch.setattr(JN, "BUFFER_NOISE", buffered)
+        f = jax.jit(lambda st, b=buffered: JN._noise_z_host(seed, st, words, n))
+        text = f.lower(jnp.asarray([3], jnp.int32)).as_text()
+        assert ("xla_buffer_python_cpu_callback" in text) == buffered
+        outs.append(np.asarray(f(jnp.asarray([3], jnp.int32))))
+    _eq(outs[0], outs[1], "buffer vs pure_callback noise")
+    ref = noise_cpu.gaussian_noise(n, SEED & 0xFFFFFFFF, SEED >> 32, 3, JN._nz.stream_word(rank), offset)
+    _eq(outs[0], ref, "vs dpprims.noise_cpu")

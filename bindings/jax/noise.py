@@ -40,7 +40,8 @@ Paths:
     xla otherwise (a GPU without jax-triton). Read at trace time. With numpy and numba installed
     the whole generator runs in one ``pure_callback`` into ``dpprims.noise_cpu`` (the torch plain
     path's code: the same numbers, ~3x faster than XLA's uint32 Philox here; ``DPPRIMS_NOISE_CPU=0``
-    keeps the XLA Philox + numpy libm callback).
+    keeps the XLA Philox + numpy libm callback). That callback is a ``buffer_callback`` writing z into
+    XLA's output buffer (no result copy; ``BUFFER_NOISE``).
 
   Compiled GPU kernels use the GPU's transcendentals (and FMA): ~1e-6 relative from both.
 
@@ -302,6 +303,16 @@ def _noise_z(seed, step, words, *, n: int, libm: str):
     return jnp.stack([z0, z1], axis=-1).reshape(-1)[:n]  # element 2j <- z0[j], 2j+1 <- z1[j]
 
 
+try:  # in place on XLA's buffers from Python (JAX >= 0.7; experimental API)
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # pragma: no cover
+    _buffer_callback = None
+
+BUFFER_NOISE = os.environ.get("DPPRIMS_JAX_BUFFER_NOISE", "1").strip() != "0"
+"""The host noise writes into XLA's output buffer (``buffer_callback``) instead of returning an
+array that ``pure_callback`` copies (``DPPRIMS_JAX_BUFFER_NOISE=0``: pure_callback). Same numbers."""
+
+
 def _noise_z_host(seed, step, words, n: int):
     """_noise_z through ``dpprims.noise_cpu`` (numba Philox + numpy's float32 libm, as the torch plain
     path): one ``pure_callback``, bit for bit the interpreter's kernel."""
@@ -312,7 +323,18 @@ def _noise_z_host(seed, step, words, n: int):
         w = [int(x) for x in np.asarray(words).reshape(-1)[:3]]
         return _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32))
 
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((n,), _F32), seed, step, words, vmap_method="sequential")
+    if _buffer_callback is None or not BUFFER_NOISE:  # pragma: no cover - older JAX
+        return jax.pure_callback(host, jax.ShapeDtypeStruct((n,), _F32), seed, step, words, vmap_method="sequential")
+
+    def host_into(ctx, out, seed, step, words):
+        # z straight into XLA's output buffer: no result copy (pure_callback copies what it returns)
+        del ctx
+        k0, k1 = (int(w) & _M32 for w in np.asarray(seed).reshape(-1)[:2])
+        st = int(np.asarray(step).reshape(-1)[0]) & _M32
+        w = [int(x) for x in np.asarray(words).reshape(-1)[:3]]
+        _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32), out=np.asarray(out))
+
+    return _buffer_callback(host_into, jax.ShapeDtypeStruct((n,), _F32), vmap_method="sequential")(seed, step, words)
 
 
 # ----------------------------------------------------------------------------- the op
