@@ -23,8 +23,9 @@ w0 == w1 == 0 (probability 2^-64 per pair). Step 1 flags those pairs and counts 
 count :func:`_fix_extension` recomputes exactly those pairs with x0 (Philox of the extension counter
 and the same word selection), so no branch slows the common loop and the rare case stays exact.
 
-Threads: a draw of at least ``2 * MIN_PAIRS_PER_THREAD`` pairs is split into contiguous pair ranges, one
-per thread (the caller's thread runs the first, a module-level pool the rest). Every pair's numbers
+Threads: a draw of at least ``2 * MIN_PAIRS_PER_THREAD`` pairs is split into contiguous pair ranges of at
+most ``CHUNK_PAIRS`` pairs, which the caller's thread and a module-level pool take from a shared
+counter (dynamic: a thread without a core on a loaded machine does not hold the draw up). Every pair's numbers
 depend only on its counter (Philox is counter-based) and every epilogue is elementwise, so the split
 changes no bit of the output (tests/test_noise_parallel.py checks it against ``threads=1``). The
 numba functions release the GIL (``nogil=True``) and so do numpy's float32 ufuncs, so the threads
@@ -156,32 +157,51 @@ def _executor(workers: int):
         return _pool[1]
 
 
-def _split(n: int, threads) -> list:
-    """Element ranges [(lo, hi)] of the parts of an n-element draw, one per thread; every lo is
-    even (a part starts at a pair), parts have equal pair counts up to one."""
+def _split(n: int, threads) -> tuple:
+    """(workers, [(lo, hi)]): the element ranges (tasks) of an n-element draw and how many threads
+    share them. Every lo is even (a task starts at a pair); tasks hold at most CHUNK_PAIRS pairs and
+    at least MIN_PAIRS_PER_THREAD (the last may be shorter), and there are at least ``workers``."""
     n_pairs = (n + 1) // 2
-    parts = min(_resolve_threads(threads), n_pairs // MIN_PAIRS_PER_THREAD)
-    if parts <= 1:
-        return [(0, n)]
-    bounds = [2 * (n_pairs * i // parts) for i in range(parts + 1)]
-    return [(bounds[i], min(bounds[i + 1], n)) for i in range(parts)]
+    workers = min(_resolve_threads(threads), n_pairs // MIN_PAIRS_PER_THREAD)
+    if workers <= 1:
+        return 1, [(0, n)]
+    size = max(MIN_PAIRS_PER_THREAD, min(CHUNK_PAIRS, -(-n_pairs // workers)))
+    return workers, [(2 * s, min(2 * (s + size), n)) for s in range(0, n_pairs, size)]
 
 
 def _run_parts(n: int, threads, fn) -> None:
-    """fn(lo, hi) over the parts of :func:`_split`: the first on this thread, the rest in the pool;
-    waits for all and re-raises the first error."""
-    parts = _split(n, threads)
-    if len(parts) == 1:
+    """fn(lo, hi) over the tasks of :func:`_split`, pulled from a shared counter by this thread and
+    workers - 1 pool threads (dynamic scheduling: on a loaded machine a thread that gets no core
+    leaves its tasks to the others instead of holding up the draw); waits for all and re-raises the
+    first error (a failed task stops the others from taking new ones)."""
+    import itertools
+
+    workers, tasks = _split(n, threads)
+    if workers == 1:
         fn(0, n)
         return
-    futures = [_executor(len(parts) - 1).submit(fn, lo, hi) for lo, hi in parts[1:]]
+    counter = itertools.count()  # next() on it is atomic under the GIL
+    failed = []
+
+    def worker():
+        while not failed:
+            i = next(counter)
+            if i >= len(tasks):
+                return
+            try:
+                fn(*tasks[i])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller below
+                failed.append(e)
+                return
+
+    futures = [_executor(workers - 1).submit(worker) for _ in range(workers - 1)]
     try:
-        fn(*parts[0])
+        worker()
     finally:
-        errors = [f.exception() for f in futures]  # waits for every part before returning
-    for e in errors:
-        if e is not None:
-            raise e
+        for f in futures:  # every task has finished (or was never started) before returning
+            f.result()
+    if failed:
+        raise failed[0]
 
 
 def _key(k0: int, k1: int):

@@ -45,9 +45,9 @@ def _assert_same(a, b, what):
 
 @pytest.mark.parametrize("n,off,threads", CASES)
 def test_parallel_gaussian_noise_equals_serial(n, off, threads):
-    parts = ncpu._split(n, threads)
-    assert len(parts) == threads and parts[0][0] == 0 and parts[-1][1] == n
-    assert all(lo % 2 == 0 and lo < hi for lo, hi in parts)
+    workers, parts = ncpu._split(n, threads)
+    assert workers == threads and len(parts) >= workers and parts[0][0] == 0 and parts[-1][1] == n
+    assert all(lo % 2 == 0 and lo < hi and hi - lo <= 2 * CH for lo, hi in parts)
     assert all(parts[i][1] == parts[i + 1][0] for i in range(len(parts) - 1))
     kw = dict(k0=K0, k1=K1, step=31, stream_word=nz.stream_word(3), pair_offset=off)
     serial = ncpu.gaussian_noise(n, **kw, threads=1)
@@ -114,9 +114,18 @@ def test_parallel_extension_path_equals_serial(monkeypatch):
 
 
 def test_small_draws_stay_serial():
-    assert ncpu._split(2 * (2 * MP) - 3, 8) == [(0, 2 * (2 * MP) - 3)]  # < 2 parts of MP pairs
-    assert ncpu._split(0, 4) == [(0, 0)]
-    assert len(ncpu._split(4 * MP, 8)) == 2
+    assert ncpu._split(2 * (2 * MP) - 3, 8) == (1, [(0, 2 * (2 * MP) - 3)])  # < 2 tasks of MP pairs
+    assert ncpu._split(0, 4) == (1, [(0, 0)])
+    assert ncpu._split(4 * MP, 8) == (2, [(0, 2 * MP), (2 * MP, 4 * MP)])
+    workers, tasks = ncpu._split(2 * 10 * CH + 1, 2)  # a large draw: chunk-sized tasks, pulled dynamically
+    assert workers == 2 and len(tasks) == 11 and tasks[-1] == (2 * 10 * CH, 2 * 10 * CH + 1)
+
+
+def test_many_tasks_per_thread_equal_serial():
+    n, off = 2 * 7 * CH + 2 * MP + 3, 2**32 - 3 * CH - 1  # 8 tasks for 2 threads, the carry inside one
+    kw = dict(k0=K0, k1=K1, step=2, stream_word=nz.stream_word(0), pair_offset=off)
+    assert len(ncpu._split(n, 2)[1]) == 8
+    _assert_same(ncpu.gaussian_noise(n, **kw, threads=2), ncpu.gaussian_noise(n, **kw, threads=1), "many tasks")
 
 
 @contextlib.contextmanager
