@@ -492,21 +492,48 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     to finish (kernels/linear.py ``_store_split_tile``): deterministic, no float atomics. BLOCK_K pads T least
     (:func:`dpprims.kernels.linear.segment_block_k`), capped at 32: the implicit-im2col address
     tile of BLOCK_K = 64 took a 64 x 128 build to 255 registers on sm_90 (188 at 32); 16 for
-    fp32 operands (``itemsize`` 4), as Linear. ``arch``: compute capability; two fp32
-    [BLOCK_P, BLOCK_D] tiles live in registers, 128 x 128 at 8 warps on sm_90, 128 x 64 at 4
-    warps on sm_80 (as Linear)."""
-    wide = arch >= 90
-    bp = block(geo.P, 128, 128)
-    bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
-    bk = segment_block_k(geo.T, 16 if itemsize >= 4 else 32)
+    fp32 operands (``itemsize`` 4) on sm_90, as Linear. ``arch``: compute capability; two fp32
+    [BLOCK_P, BLOCK_D] tiles (the running sum and W_i) live in registers.
+
+    sm_90: 128 x 128 at 8 warps (two wgmma warpgroups) for half operands, 128 x 64 for fp32.
+    sm_80 (mma.sync; compiled for sm_80 and read with cuobjdump / ptxas -v, ResNet-18-GN CIFAR
+    and ResNet-50-GN 224 steps, see bench/kernel_report.py):
+
+    * half operands: 128 x 64 at 8 warps (64 accumulator registers a thread), BLOCK_K <= 32.
+      At 4 warps (128 accumulator registers) the same tile took 255 registers and spilled
+      with BLOCK_K = 32 (ResNet-50's 1x1 convs) and sat at 210-255 registers, 2 CTAs per SM,
+      at 16; at 8 warps it compiles to 99-178 registers without spills (64 x 64: 99-115), and
+      one 8-warp CTA keeps an SM busy where the grid is smaller than the GPU. 128 x 128 at 8
+      warps (as sm_90) also compiles without spills (up to 237 registers) but estimates slower
+      (more padding, fewer programs: ResNet-50 bf16 clipped sums 2425 us against 2329 us).
+    * fp32 operands (compiled with DOT_PRECISION ieee, CUDA-core FMA): 32 x 32 at 4 warps,
+      BLOCK_K <= 32 (52-154 registers, no spills). ptxas settles fp32 builds on an occupancy
+      step (64, 72, 80, 128 ... registers) and then spills a few bytes in some
+      specialisations: 8-warp 64 x 64, 128 x 64 and 128 x 32 builds spilled 4-28 bytes at 128
+      (or 80) registers, 4-warp 64 x 64 / 64 x 32 / 32 x 64 ones at 128-255, and 32 x 32 with
+      BLOCK_K = 16 one 1x1 stride-2 build (4 bytes at 72). The price is operand reuse (8
+      outputs a thread per K step), which a shared-memory-bound FMA loop may feel on a GPU;
+      the estimate (flops at the FMA peak) does not see it."""
+    check_arch(arch)
+    half = itemsize < 4
+    if arch >= 90:
+        bp = block(geo.P, 128, 128)
+        bd = block(geo.D, 128 if half else 64, 128)
+        # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
+        # registers (spills, measured on sm_90).
+        big = bp * bd >= 64 * 128
+        bk = segment_block_k(geo.T, 32 if half else 16)
+    elif half:
+        bp, bd, big = block(geo.P, 128, 128), block(geo.D, 64, 128), True
+        bk = segment_block_k(geo.T, 32)
+    else:
+        bp, bd, big = block(geo.P, 32, 128), block(geo.D, 32, 128), False
+        bk = segment_block_k(geo.T, 32)
+    warps = 8 if (big and not interpreting()) else 4
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
     split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)), arch, **_split_roofline(geo, itemsize))
     examples_per_split = cdiv(geo.B, split)
     split = max(1, cdiv(geo.B, examples_per_split))
-    # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
-    # registers (spills, measured on sm_90).
-    big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
-    warps = 8 if (big and not interpreting()) else 4
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
                       num_warps=warps,
@@ -518,18 +545,20 @@ def conv2d_clipped_weight_grad_rounded_spec(geo: Conv2dGeometry, arch: int = 90,
     (groups x P, D) as design (a), the B*T rows split into slices of ``outputs["rows_per_split"]``
     rows (a multiple of BLOCK_K, K-blocks may mix examples), each slice its own [C_out, D] fp32
     partial summed in order by the binding. BLOCK_K 32 (the implicit-im2col address tile, as
-    design (a)); one fp32 accumulator, 128 x 128 at 8 warps on sm_90, 128 x 64 on sm_80."""
+    design (a)); one fp32 accumulator, 128 x 128 at 8 warps for half operands on sm_90 and on
+    sm_80 (compiled for sm_80: 216-239 registers, no spills, where 128 x 64 at 4 warps took
+    255 registers and spilled 64-124 bytes in ResNet-50's stage 4; 128 x 64 at 8 warps also
+    compiles clean but estimates slower), 128 x 64 for fp32 operands."""
     check_arch(arch)
-    wide = arch >= 90
-    rows = geo.B * geo.T
+    rows = geo.B * geo.T  # the same choice on sm_80 and sm_90 (arch is checked, not used)
     bp = block(geo.P, 128, 128)
-    bd = block(geo.D, 128 if (wide and itemsize < 4) else 64, 128)
+    bd = block(geo.D, 128 if itemsize < 4 else 64, 128)
     bk = block(rows, 32 if itemsize < 4 else 16, 64)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
     split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, **_split_roofline(geo, itemsize))
     rows_per_split = cdiv(cdiv(rows, split), bk) * bk
     split = max(1, cdiv(rows, rows_per_split))
-    big = bp * bd >= 128 * 128 or (bp * bd >= 64 * 128 and (wide or itemsize >= 4))
+    big = bp * bd >= 64 * 128
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
                       num_warps=8 if (big and not interpreting()) else 4,
