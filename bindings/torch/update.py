@@ -32,7 +32,8 @@ from dpprims.kernels import update as _ku
 
 from . import _backend
 from ._backend import record
-from .noise import _check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor, gaussian_noise_torch
+from .noise import (_check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor,
+                    gaussian_noise_torch)
 
 __all__ = ["add_noise_and_step", "make_hyper"]
 

@@ -94,7 +94,8 @@ class LinearHandler(LayerHandler):
             costs = norm_flops(1, D, P)
             cached[key] = dict(layer=self.name, kind=self.kind, T=1, d=D, p=P, method="outer", clipped_sum="rank1",
                                norm_flops=Bc * costs["outer"], weight_grad_flops=2 * Bc * D * P,
-                               norm_bytes=Bc * (D + P) * itemsize, weight_grad_bytes=Bc * (D + P) * itemsize + 4 * D * P,
+                               norm_bytes=Bc * (D + P) * itemsize,
+                               weight_grad_bytes=Bc * (D + P) * itemsize + 4 * D * P,
                                cpu_ms={k: v * 1e3 for k, v in layer_costs(Bc, 1, D, P, conv=False).items()})
         return cached[key]
 
