@@ -505,7 +505,7 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
       at 16; at 8 warps it compiles to 99-178 registers without spills (64 x 64: 99-115), and
       one 8-warp CTA keeps an SM busy where the grid is smaller than the GPU. 128 x 128 at 8
       warps (as sm_90) also compiles without spills (up to 237 registers) but estimates slower
-      (more padding, fewer programs: ResNet-50 bf16 clipped sums 2425 us against 2329 us).
+      (more padding, fewer programs: ResNet-50 bf16 clipped sums 2425 us against 2314 us).
     * fp32 operands (compiled with DOT_PRECISION ieee, CUDA-core FMA): 32 x 32 at 4 warps,
       BLOCK_K <= 32 (52-154 registers, no spills). ptxas settles fp32 builds on an occupancy
       step (64, 72, 80, 128 ... registers) and then spills a few bytes in some
