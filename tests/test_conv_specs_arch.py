@@ -158,12 +158,15 @@ _SCRIPT = textwrap.dedent(r'''
                     c = torch.empty(B, device="meta")
                     with kr.record_torch_launches(arch) as ls:
                         C.conv2d_clipped_weight_grad(x, Gr, c, [k, k], [s, s], [p, p], [1, 1], g, "ieee", design)
-                    fn = K.conv2d_clipped_weight_grad_rounded_spec if design == "rounded" else K.conv2d_clipped_weight_grad_spec
+                    fn = (K.conv2d_clipped_weight_grad_rounded_spec if design == "rounded"
+                          else K.conv2d_clipped_weight_grad_spec)
                     want = spec_dict(fn(geo(*case), arch=arch, itemsize=dt.itemsize))
                     got = [dict(grid=list(l.grid), num_warps=l.num_warps,
-                                blocks={kk: getattr(v, "value", v) for kk, v in l.kwargs.items() if kk.startswith("BLOCK")},
+                                blocks={kk: getattr(v, "value", v) for kk, v in l.kwargs.items()
+                                        if kk.startswith("BLOCK")},
                                 kernel=l.name) for l in ls]
-                    out.append(dict(framework="torch", arch=arch, case=case, dtype=name, design=design, want=want, got=got))
+                    out.append(dict(framework="torch", arch=arch, case=case, dtype=name, design=design,
+                                    want=want, got=got))
 
     import jax.numpy as jnp
     from dpprims.bindings.jax import _call
