@@ -218,10 +218,11 @@ HOST_UPDATE = os.environ.get("DPPRIMS_JAX_HOST_UPDATE", "0").strip() == "1"
 (:func:`_update_host`) where the noise runs on the host anyway (LIBM resolves to "host"). Off by
 default: the XLA update (``_update_jnp``) draws the noise in a callback that depends on nothing but
 (seed, step), so XLA's CPU runtime runs it concurrently with the clipping pass, while the fused
-callback must wait for the clipped sums. Measured in one process on the 2-core machine (load ~6,
-min of 400 steps; process CPU time in brackets): MLP 784-256-10 B=256 DP step 1.88 ms [2.85] with
-the XLA update vs 2.10 ms [2.85] fused; ResNet-18-CIFAR w64 B=32 [1721 vs 1795 ms CPU]. It uses no
-more CPU and is faster on the wall clock wherever a core is free. Read at trace time. The same
+callback must wait for the clipped sums. Measured in one process on the 2-core machine (each
+variant traced afresh, min of 500 steps, load ~3.6; process CPU time in brackets): MLP 784-256-10
+B=256 DP step 1.38 ms [2.31] with the XLA update (host noise into XLA's buffer) vs 1.79 ms [2.51]
+fused, non-private 0.83 ms; ResNet-18-CIFAR w64 B=32 (load ~6) [1721 vs 1795 ms CPU]. Read at
+trace time. The same
 numbers either way (x64 on; without x64 the XLA update's Adam bias corrections are fp32
 approximations, the fused one's fp64)."""
 
