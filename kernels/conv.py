@@ -491,44 +491,46 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     cannot fill the GPU. The slices of a tile are summed in slice order by the last of them
     to finish (kernels/linear.py ``_store_split_tile``): deterministic, no float atomics. BLOCK_K pads T least
     (:func:`dpprims.kernels.linear.segment_block_k`), capped at 32: the implicit-im2col address
-    tile of BLOCK_K = 64 took a 64 x 128 build to 255 registers on sm_90 (188 at 32); 16 for
-    fp32 operands (``itemsize`` 4) on sm_90, as Linear. ``arch``: compute capability; two fp32
-    [BLOCK_P, BLOCK_D] tiles (the running sum and W_i) live in registers.
+    tile of BLOCK_K = 64 took a 64 x 128 build to 255 registers on sm_90 (188 at 32). ``arch``:
+    compute capability; two fp32 [BLOCK_P, BLOCK_D] tiles (the running sum and W_i) live in
+    registers. Compiled for the target and read with cuobjdump / ptxas -v (ResNet-18-GN CIFAR
+    and ResNet-50-GN 224 steps, bench/kernel_report.py):
 
-    sm_90: 128 x 128 at 8 warps (two wgmma warpgroups) for half operands, 128 x 64 for fp32.
-    sm_80 (mma.sync; compiled for sm_80 and read with cuobjdump / ptxas -v, ResNet-18-GN CIFAR
-    and ResNet-50-GN 224 steps, see bench/kernel_report.py):
-
-    * half operands: 128 x 64 at 8 warps (64 accumulator registers a thread), BLOCK_K <= 32.
+    * sm_90, half operands: 128 x 128 at 8 warps (two wgmma warpgroups).
+    * sm_80 (mma.sync), half operands: 128 x 64 at 8 warps (64 accumulator registers a
+      thread), BLOCK_K <= 32.
       At 4 warps (128 accumulator registers) the same tile took 255 registers and spilled
       with BLOCK_K = 32 (ResNet-50's 1x1 convs) and sat at 210-255 registers, 2 CTAs per SM,
       at 16; at 8 warps it compiles to 99-178 registers without spills (64 x 64: 99-115), and
       one 8-warp CTA keeps an SM busy where the grid is smaller than the GPU. 128 x 128 at 8
       warps (as sm_90) also compiles without spills (up to 237 registers) but estimates slower
       (more padding, fewer programs: ResNet-50 bf16 clipped sums 2425 us against 2314 us).
-    * fp32 operands (compiled with DOT_PRECISION ieee, CUDA-core FMA): 32 x 32 at 4 warps,
-      BLOCK_K <= 32 (52-154 registers, no spills). ptxas settles fp32 builds on an occupancy
-      step (64, 72, 80, 128 ... registers) and then spills a few bytes in some
-      specialisations: 8-warp 64 x 64, 128 x 64 and 128 x 32 builds spilled 4-28 bytes at 128
-      (or 80) registers, 4-warp 64 x 64 / 64 x 32 / 32 x 64 ones at 128-255, and 32 x 32 with
+    * fp32 operands, both architectures (compiled with DOT_PRECISION ieee, CUDA-core FMA):
+      32 x 32 at 4 warps, BLOCK_K <= 32 on sm_80 (52-154 registers), <= 16 on sm_90 (no spills).
+      On sm_90 the former 128 x 64 (8 warps) / 64 x 64 (4 warps), BLOCK_K 16, spilled 16-76
+      bytes in 7 ResNet-18 launches and estimated ResNet-18 6498 us / ResNet-50 12091 us
+      against 5393 / 9905 us now. ptxas settles fp32 builds on an occupancy step (56, 64, 72,
+      80, 96, 128 ... registers) and then spills a few bytes in some specialisations. sm_80:
+      8-warp 64 x 64, 128 x 64 and 128 x 32 builds spilled 4-28 bytes at 128 (or 80)
+      registers, 4-warp 64 x 64 / 64 x 32 / 32 x 64 ones at 128-255, and 32 x 32 with
       BLOCK_K = 16 one 1x1 stride-2 build (4 bytes at 72). The price is operand reuse (8
       outputs a thread per K step), which a shared-memory-bound FMA loop may feel on a GPU;
       the estimate (flops at the FMA peak) does not see it."""
     check_arch(arch)
     half = itemsize < 4
-    if arch >= 90:
+    if not half:
+        bp, bd, big = block(geo.P, 32, 128), block(geo.D, 32, 128), False
+    elif arch >= 90:
         bp = block(geo.P, 128, 128)
-        bd = block(geo.D, 128 if half else 64, 128)
+        bd = block(geo.D, 128, 128)
         # 8 warps from 64 x 128 up: at 4 warps the im2col address tiles push 64 x 128 past 255
         # registers (spills, measured on sm_90).
         big = bp * bd >= 64 * 128
-        bk = segment_block_k(geo.T, 32 if half else 16)
-    elif half:
-        bp, bd, big = block(geo.P, 128, 128), block(geo.D, 64, 128), True
-        bk = segment_block_k(geo.T, 32)
     else:
-        bp, bd, big = block(geo.P, 32, 128), block(geo.D, 32, 128), False
-        bk = segment_block_k(geo.T, 32)
+        bp, bd, big = block(geo.P, 128, 128), block(geo.D, 64, 128), True
+    # BLOCK_K <= 32, except 16 for fp32 on sm_90: there 32 x 32 x 32 spilled 4 bytes in 4 JAX
+    # builds (56 / 96 registers) and x 16 none; on sm_80 x 16 spilled one 4-byte build, x 32 none
+    bk = segment_block_k(geo.T, 16 if (not half and arch >= 90) else 32)
     warps = 8 if (big and not interpreting()) else 4
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
     split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)), arch, **_split_roofline(geo, itemsize))

@@ -5,7 +5,8 @@ come from builds compiled for sm_80 and read with cuobjdump, see the spec docstr
 
 * the spec functions return the documented choice per architecture, at GPU sizes (interpreter
   off), for ResNet layer shapes and odd shapes, and their grids cover the weight;
-* sm_90's choice is pinned to what the committed sm_90 report was compiled with;
+* sm_90's half-precision choice is pinned to what the committed sm_90 report was compiled with
+  (fp32 operands take sm_80's 32 x 32 tiles on sm_90 too, whose former tiles spilled);
 * the bindings launch exactly the sm_80 (sm_90) spec when the architecture is 80 (90): the
   torch binding through dpprims.kernel_report's capture on meta tensors (the real launch code,
   as the compiled-kernel report uses it), the JAX binding's launch builder under
@@ -72,7 +73,8 @@ def _check_cover(spec, geo, unit):
 @pytest.mark.parametrize("itemsize", [2, 4], ids=["half", "fp32"])
 def test_design_a_sm80_choice(gpu_sizes, geo, itemsize):
     """sm_80 design (a): half operands 128 x 64 tiles at 8 warps, fp32 operands 32 x 32 at 4
-    warps, BLOCK_K <= 32 for both (the builds that compiled without spills)."""
+    warps, BLOCK_K <= 32 for both (the builds that compiled without spills; sm_90 fp32 takes
+    the same tiles with BLOCK_K <= 16)."""
     spec = K.conv2d_clipped_weight_grad_spec(geo, arch=80, itemsize=itemsize)
     bp, bd, bk, warps = _blocks(spec)
     cap_p, cap_d, cap_k, want_warps = (128, 64, 32, 8) if itemsize == 2 else (32, 32, 32, 4)
@@ -83,15 +85,19 @@ def test_design_a_sm80_choice(gpu_sizes, geo, itemsize):
     _check_cover(spec, geo, "examples_per_split")
     # compute capabilities 8.x (e.g. 86, 89) take the sm_80 rules
     assert _blocks(K.conv2d_clipped_weight_grad_spec(geo, arch=86, itemsize=itemsize)) == _blocks(spec)
+    if itemsize == 4:  # fp32: the same tiles on sm_90, BLOCK_K <= 16 there
+        bp90, bd90, bk90, w90 = _blocks(K.conv2d_clipped_weight_grad_spec(geo, arch=90, itemsize=4))
+        assert (bp90, bd90, w90) == (bp, bd, warps) and bk90 <= 16
 
 
-# (geometry id, itemsize) -> (BLOCK_P, BLOCK_D, BLOCK_K, num_warps) on sm_90, as compiled in
-# bench/results/kernel-report-sm90 (sm_90 choices unchanged by the sm_80 ones)
+# (geometry id, itemsize) -> (BLOCK_P, BLOCK_D, BLOCK_K, num_warps) on sm_90: half operands as
+# compiled in bench/results/kernel-report-sm90 (unchanged by the sm_80 choices)
 SM90 = {("r50-conv1", 2): (64, 128, 32, 8), ("r50-layer1-conv3", 2): (128, 64, 32, 8),
         ("r50-layer2.0-conv2", 2): (128, 128, 16, 8), ("r50-layer3-conv2", 2): (128, 128, 16, 8),
         ("r18-layer1-conv", 2): (64, 128, 32, 8),
-        ("r50-layer1-conv3", 4): (128, 64, 16, 8), ("r50-layer3-conv2", 4): (128, 64, 16, 8),
-        ("r18-layer1-conv", 4): (64, 64, 16, 4)}
+        # fp32 operands: 32 x 32 at 4 warps on sm_90 too (the former 128 x 64 / 64 x 64 spilled)
+        ("r50-layer1-conv3", 4): (32, 32, 16, 4), ("r50-layer3-conv2", 4): (32, 32, 16, 4),
+        ("r18-layer1-conv", 4): (32, 32, 16, 4)}
 
 
 @pytest.mark.parametrize("key", sorted(SM90), ids=[f"{k[0]}-{'half' if k[1] == 2 else 'fp32'}" for k in sorted(SM90)])
