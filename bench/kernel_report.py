@@ -161,6 +161,9 @@ def capture_jax(builder, x_shape, dtype: str, arch: int):
     x = jax.ShapeDtypeStruct(x_shape, jdt)
     y = jax.ShapeDtypeStruct((x_shape[0],), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x_shape, jdt)))["params"]
+    # compute in the step's dtype, as bench/e2e.py's bf16 JAX step does (it casts the fp32 master
+    # params): flax keeps fp32 params, which would promote every layer back to fp32 kernels
+    params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jdt), params)
 
     def ce(logits, batch):
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[1])

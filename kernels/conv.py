@@ -533,7 +533,8 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
     bk = segment_block_k(geo.T, 16 if (not half and arch >= 90) else 32)
     warps = 8 if (big and not interpreting()) else 4
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
-    split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)), arch, **_split_roofline(geo, itemsize))
+    split = clipped_sum_split(n_tiles, geo.B, max(1, cdiv(8 * bk, geo.T)), arch, num_warps=warps,
+                              **_split_roofline(geo, itemsize))
     examples_per_split = cdiv(geo.B, split)
     split = max(1, cdiv(geo.B, examples_per_split))
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
@@ -545,8 +546,8 @@ def conv2d_clipped_weight_grad_spec(geo: Conv2dGeometry, arch: int = 90, itemsiz
 def conv2d_clipped_weight_grad_rounded_spec(geo: Conv2dGeometry, arch: int = 90, itemsize: int = 2) -> LaunchSpec:
     """Design (c) launch (``_conv2d_clipped_weight_grad_rounded_kernel``): tiles over
     (groups x P, D) as design (a), the B*T rows split into slices of ``outputs["rows_per_split"]``
-    rows (a multiple of BLOCK_K, K-blocks may mix examples), each slice its own [C_out, D] fp32
-    partial summed in order by the binding. BLOCK_K 32 (the implicit-im2col address tile, as
+    rows (a multiple of BLOCK_K, K-blocks may mix examples), the slices summed in slice order in
+    the kernel (kernels/linear.py ``_store_split_tile``). BLOCK_K 32 (the implicit-im2col address tile, as
     design (a)); one fp32 accumulator, 128 x 128 at 8 warps for half operands on sm_90 and on
     sm_80 (compiled for sm_80: 216-239 registers, no spills, where 128 x 64 at 4 warps took
     255 registers and spilled 64-124 bytes in ResNet-50's stage 4; 128 x 64 at 8 warps also
@@ -557,13 +558,13 @@ def conv2d_clipped_weight_grad_rounded_spec(geo: Conv2dGeometry, arch: int = 90,
     bd = block(geo.D, 128 if itemsize < 4 else 64, 128)
     bk = block(rows, 32 if itemsize < 4 else 16, 64)
     n_tiles = geo.groups * cdiv(geo.P, bp) * cdiv(geo.D, bd)
-    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, **_split_roofline(geo, itemsize))
+    warps = 8 if (bp * bd >= 64 * 128 and not interpreting()) else 4
+    split = clipped_sum_split(n_tiles, cdiv(rows, bk), 8, arch, num_warps=warps, **_split_roofline(geo, itemsize))
     rows_per_split = cdiv(cdiv(rows, split), bk) * bk
     split = max(1, cdiv(rows, rows_per_split))
-    big = bp * bd >= 64 * 128
     return LaunchSpec(grid=(geo.groups * cdiv(geo.P, bp), cdiv(geo.D, bd), split),
                       constexprs=dict(**_kernel_constexprs(geo), BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk),
-                      num_warps=8 if (big and not interpreting()) else 4,
+                      num_warps=warps,
                       outputs={"partials": (split, geo.C_out, geo.D), "rows_per_split": rows_per_split,
                                "kernel": "_conv2d_clipped_weight_grad_rounded_kernel"})
 
