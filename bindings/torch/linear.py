@@ -273,8 +273,13 @@ def linear_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return G.new_zeros(P, dtype=torch.float32)
     backend = record("linear_clipped_bias_grad", G)
     if backend == "torch":
-        keep = (c != 0).view(B, 1, 1)
-        return torch.where(keep, G.float() * c.view(B, 1, 1), 0.0).sum(dim=(0, 1))
+        # sum over positions first ([B, P]), then the factors: rows with c_i == 0 are selected
+        # away before the product (a dropped example's NaN never meets its 0)
+        keep = c != 0
+        g = G.float().sum(dim=1)
+        if not bool(keep.all()):
+            g, c = g[keep], c[keep]
+        return c.to(torch.float32) @ g
     spec = _k.linear_clipped_bias_grad_spec(B, T, P)
     out = empty(P, device=G.device, dtype=torch.float32)
     _launch(_k._linear_clipped_bias_grad_kernel, spec, G, c, B, T, P, *G.stride(), out)

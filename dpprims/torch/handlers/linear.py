@@ -136,9 +136,16 @@ class LinearHandler(LayerHandler):
         total = torch.zeros(B, device=A.device, dtype=torch.float32)
         if m.weight.requires_grad and method == "instantiate":
             total = total + sq_rows(self._per_example().flatten(1))
+        elif m.weight.requires_grad and plain:
+            # the ops' own plain-torch code, called directly (no custom-op dispatch per call)
+            _backend.record(f"linear_weight_sq_norms[{method}]", A)
+            total = total + ops._torch_weight_sq_norms(A, G, method)
         elif m.weight.requires_grad:
             total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
-        if m.bias is not None and m.bias.requires_grad:
+        if m.bias is not None and m.bias.requires_grad and plain:
+            _backend.record("linear_bias_sq_norms", A)
+            total = total + sq_rows(G.float().sum(1))
+        elif m.bias is not None and m.bias.requires_grad:
             total = total + ops.linear_bias_sq_norms(G)
         # clipped-sum design (docs/PRIVACY.md): (c) "rounded" only on the Triton backends (the
         # plain-torch path sums in fp32: nothing to gain, only the slack's utility cost)
@@ -199,6 +206,37 @@ class LinearHandler(LayerHandler):
             _backend.record("linear_clipped_bias_grad", A)
             add_grad(m.bias, gs.sum(0))
 
+    def _accumulate_plain(self, c: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> None:
+        """Plain-torch T > 1: sum_i c_i G_i^T A_i as ONE weight-gradient GEMM of the row-scaled
+        output gradients (addmm_ into .grad when it exists) and the bias sum_i c_i sum_t G_i[t]
+        from the same scaled rows; fp32, no rounding (what ops.linear_clipped_weight_grad /
+        linear_clipped_bias_grad compute, without their dispatch and masking temporaries).
+        Examples with c_i == 0 (padding, non-finite norms) are indexed away from both operands
+        first, never multiplied (0 * NaN would be NaN); reading c on the host is free on this
+        CPU path."""
+        m = self.module
+        keep = c != 0
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            A, G, c = A.index_select(0, idx), G.index_select(0, idx), c.index_select(0, idx)
+        P, D = G.shape[2], A.shape[2]
+        gs3 = G.float() * c.view(-1, 1, 1)  # [B', T, p] scaled output-gradient rows
+        gs = gs3.reshape(-1, P)
+        if m.weight.requires_grad:
+            _backend.record("linear_clipped_weight_grad", A)
+            p = m.weight
+            a = A.float().reshape(-1, D)
+            if p.grad is None or p.grad.dtype != torch.float32 or not p.grad.is_contiguous():
+                add_grad(p, torch.mm(gs.t(), a))
+            else:
+                p.grad.addmm_(gs.t(), a)
+        if m.bias is not None and m.bias.requires_grad:
+            _backend.record("linear_clipped_bias_grad", A)
+            # per example over its positions, then over the examples (the summation order of
+            # the per-example definition: a bias whose exact gradient cancels, like attention's
+            # key bias, keeps its small error)
+            add_grad(m.bias, gs3.sum(1).sum(0))
+
     def accumulate_clipped(self, c: torch.Tensor) -> None:
         if self.state.step_cache.get("design") == "rank1" and "per_example" not in self.state.step_cache:
             rows = self._rank1_rows()
@@ -206,6 +244,9 @@ class LinearHandler(LayerHandler):
                 return self._accumulate_rank1(c, *rows)
         A, G = self._pairs()
         m = self.module
+        if ("per_example" not in self.state.step_cache and self.state.step_cache.get("design") == "segments"
+                and _backend.backend_for(A) == "torch"):
+            return self._accumulate_plain(c, A, G)
         if m.weight.requires_grad and "per_example" in self.state.step_cache:
             add_grad(m.weight, clipped_sum_of_rows(self._per_example(), c))
         elif m.weight.requires_grad:
