@@ -120,10 +120,20 @@ def _ufunc(f, t: Tensor) -> Tensor:
     return getattr(torch, f.__name__)(t)
 
 
-def _cpu_threads() -> int:
-    """Threads of dpprims.noise_cpu under torch: at most torch's intra-op thread count
-    (torch.set_num_threads) and at most dpprims.noise_cpu.get_num_threads() (DPPRIMS_NOISE_THREADS).
-    The numbers never depend on it."""
+# Draws below this many elements stay on the calling thread: inside a training step torch's
+# intra-op workers are still spinning after the step's GEMMs, and a noise pool thread competing
+# with them cost more than it saved (default MLP, 203k parameters, quiet 2-core machine: DP step
+# 3.1 ms with 2 noise threads, 2.45 ms with 1); a draw of millions of elements gains from the
+# split (11M: 0.47x torch.randn per element, bench/noise_cpu.py).
+THREADED_MIN = 1 << 21
+
+
+def _cpu_threads(n: int | None = None) -> int:
+    """Threads of dpprims.noise_cpu under torch for a draw of ``n`` elements: 1 below
+    THREADED_MIN, else at most torch's intra-op thread count (torch.set_num_threads) and at most
+    dpprims.noise_cpu.get_num_threads() (DPPRIMS_NOISE_THREADS). The numbers never depend on it."""
+    if n is not None and n < THREADED_MIN:
+        return 1
     return max(1, min(torch.get_num_threads(), _ncpu.get_num_threads()))
 
 
@@ -144,7 +154,7 @@ def gaussian_noise_torch(n: int, seed: Tensor, step: Tensor, pair_offset: int, r
     if device.type == "cpu" and _ncpu.available():
         out = torch.empty(n, dtype=torch.float32)
         _ncpu.gaussian_noise(n, k0, k1, step_i, _nz.stream_word(rank), pair_offset, out=out.numpy(),
-                             threads=_cpu_threads())
+                             threads=_cpu_threads(n))
         return out
     word3 = _nz.stream_word(rank)
     n_pairs = (n + 1) // 2
@@ -184,7 +194,8 @@ def _launch_noise(x: Tensor, seed: Tensor, step: Tensor, scal: Tensor, pair_offs
         std, normaliser = scal.tolist()[:2]
         _ncpu.scaled_noise(out.detach().numpy(), x.detach().numpy() if add_x else None, std=std,
                            normaliser=normaliser, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & _M32,
-                           stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=_cpu_threads())
+                           stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
+                           threads=_cpu_threads(out.numel()))
         return
     if backend == "torch":
         z = gaussian_noise_torch(n, seed, step, pair_offset, rank).reshape(x.shape)

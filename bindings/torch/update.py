@@ -32,7 +32,7 @@ from dpprims.kernels import update as _ku
 
 from . import _backend
 from ._backend import record
-from .noise import (_check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor,
+from .noise import (THREADED_MIN, _check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor,
                     gaussian_noise_torch)
 
 __all__ = ["add_noise_and_step", "make_hyper"]
@@ -76,7 +76,8 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
                 None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
             hyper=hyper.tolist()[:_ku.N_HYPER], adam_scalars=None if kind == _ku.SGD else _adam_scalars_f64(step, hyper),
             nesterov=nesterov, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & 0xFFFFFFFF,
-            stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=_cpu_threads())
+            stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
+            threads=_cpu_threads(param.numel()))
         return
     z = gaussian_noise_torch(param.numel(), seed, step, pair_offset, rank).reshape(param.shape)
     std, norm, lr, b1, b2, eps, wd, omb1, omb2 = (hyper[i] for i in range(_ku.N_HYPER))
@@ -130,7 +131,8 @@ def _fused_cpu_direct(kind: int, param: Tensor, s1: Optional[Tensor], s2: Option
         {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], *(
             None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
         hyper=scalars["hyper"], adam_scalars=scalars["adam"], nesterov=nesterov, k0=scalars["k0"], k1=scalars["k1"],
-        step=scalars["step"], stream_word=_nz.stream_word(rank), pair_offset=pair_offset, threads=scalars["threads"])
+        step=scalars["step"], stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
+        threads=1 if param.numel() < THREADED_MIN else scalars["threads"])
     return grad_out if write_grad else grad.new_empty(0)
 
 
