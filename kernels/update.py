@@ -47,6 +47,17 @@ def hyper_values(*, std: float, normaliser: float, lr: float = 0.0, momentum: fl
             1.0 - b1, 1.0 - b2]
 
 
+def pow_f64_host(base: float, t: int) -> float:
+    """:func:`_pow_f64` in Python doubles (the same squarings in the same order, so the same
+    rounding): the Adam bias corrections of the bindings' CPU paths (torch plain, JAX host)."""
+    acc = 1.0
+    for i in range(31):
+        if (t >> i) & 1:
+            acc = acc * base
+        base = base * base
+    return acc
+
+
 @triton.jit
 def _pow_f64(base, t):
     """base ** t for an fp64 scalar base and an int32 scalar t >= 0 (31 squarings, fp64)."""

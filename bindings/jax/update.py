@@ -235,16 +235,6 @@ def _host_ok(params, grads, s1s, s2s) -> bool:
         a is None or jnp.result_type(a) == jnp.float32 for lst in (params, grads, s1s, s2s) for a in lst)
 
 
-def _pow_f64_host(base: float, t: int) -> float:
-    """kernels/update.py::_pow_f64 in Python doubles (the same squarings in the same order)."""
-    acc = 1.0
-    for i in range(31):
-        if (t >> i) & 1:
-            acc = acc * base
-        base = base * base
-    return acc
-
-
 def _adam_scalars_host(t: int, h) -> tuple:
     """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as the kernel does (so the host
     update is the kernel's bit for bit with or without x64). numpy doubles: a traced step <= 0 (outside
@@ -253,8 +243,8 @@ def _adam_scalars_host(t: int, h) -> tuple:
     lr, wd, omb1, omb2 = (f64(h[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
     t = int(t)  # Python's >> and & on a negative int act on two's complement, as the kernel's int32
     with np.errstate(all="ignore"):
-        bc1 = f64(1.0) - f64(_pow_f64_host(float(f64(1.0) - omb1), t))
-        bc2 = f64(1.0) - f64(_pow_f64_host(float(f64(1.0) - omb2), t))
+        bc1 = f64(1.0) - f64(_ku.pow_f64_host(float(f64(1.0) - omb1), t))
+        bc2 = f64(1.0) - f64(_ku.pow_f64_host(float(f64(1.0) - omb2), t))
         return np.float32(lr / bc1), np.float32(np.sqrt(bc2)), np.float32(f64(1.0) - lr * wd)
 
 

@@ -39,22 +39,12 @@ __all__ = ["add_noise_and_step", "make_hyper"]
 
 
 # ----------------------------------------------------------------------------- plain torch
-def _pow_f64(base: float, t: int) -> float:
-    """kernels/update.py::_pow_f64 in Python doubles (same operations, same rounding)."""
-    acc = 1.0
-    for i in range(31):
-        if (t >> i) & 1:
-            acc = acc * base
-        base = base * base
-    return acc
-
-
 def _adam_scalars_f64(step: Tensor, hyper: Tensor) -> tuple:
     """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as kernels/update.py does."""
     t = int(step.reshape(-1)[0].item())
     lr64, wd64, omb1, omb2 = (float(hyper[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
-    bc1 = 1.0 - _pow_f64(1.0 - omb1, t)
-    bc2 = 1.0 - _pow_f64(1.0 - omb2, t)
+    bc1 = 1.0 - _ku.pow_f64_host(1.0 - omb1, t)
+    bc2 = 1.0 - _ku.pow_f64_host(1.0 - omb2, t)
     return np.float32(lr64 / bc1), np.float32(math.sqrt(bc2)), np.float32(1.0 - lr64 * wd64)
 
 
@@ -95,8 +85,8 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
     else:
         t = int(step.reshape(-1)[0].item())
         lr64, wd64 = float(lr), float(wd)
-        bc1 = 1.0 - _pow_f64(1.0 - float(omb1), t)
-        bc2 = 1.0 - _pow_f64(1.0 - float(omb2), t)
+        bc1 = 1.0 - _ku.pow_f64_host(1.0 - float(omb1), t)
+        bc2 = 1.0 - _ku.pow_f64_host(1.0 - float(omb2), t)
         step_size = torch.tensor(np.float32(lr64 / bc1))
         bc2_sqrt = torch.tensor(np.float32(math.sqrt(bc2)))
         if kind == _ku.ADAMW:
