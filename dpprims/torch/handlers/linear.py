@@ -182,32 +182,8 @@ class LinearHandler(LayerHandler):
 
         return self.state.memo("per_example", compute)
 
-    def _accumulate_rank1(self, c: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
-        """sum_i c_i g_i a_i^T as ONE GEMM (c * g)^T a (added into .grad by addmm_ when it
-        exists), bias sum_i c_i g_i; fp32 throughout (no rounding: each contribution is exactly
-        the clipped per-example gradient up to fp32 accumulation). Examples with c_i == 0
-        (padding, non-finite norms) are indexed away from both operands, never multiplied (0 * NaN
-        would be NaN); reading c on the host is free on this CPU path."""
-        m = self.module
-        A, _ = self._pairs()
-        keep = c != 0
-        if not bool(keep.all()):
-            idx = keep.nonzero().squeeze(1)
-            a, g, c = a.index_select(0, idx), g.index_select(0, idx), c.index_select(0, idx)
-        gs = g * c.unsqueeze(1)  # [B, p]: output gradients scaled row-wise
-        if m.weight.requires_grad:
-            _backend.record("linear_clipped_weight_grad", A)
-            p = m.weight
-            if p.grad is None or p.grad.dtype != torch.float32 or not p.grad.is_contiguous():
-                add_grad(p, torch.mm(gs.t(), a))
-            else:
-                p.grad.addmm_(gs.t(), a)
-        if m.bias is not None and m.bias.requires_grad:
-            _backend.record("linear_clipped_bias_grad", A)
-            add_grad(m.bias, gs.sum(0))
-
     def _accumulate_plain(self, c: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> None:
-        """Plain-torch T > 1: sum_i c_i G_i^T A_i as ONE weight-gradient GEMM of the row-scaled
+        """Plain-torch path (T = 1 rank-one rows included): sum_i c_i G_i^T A_i as ONE weight-gradient GEMM of the row-scaled
         output gradients (addmm_ into .grad when it exists) and the bias sum_i c_i sum_t G_i[t]
         from the same scaled rows; fp32, no rounding (what ops.linear_clipped_weight_grad /
         linear_clipped_bias_grad compute, without their dispatch and masking temporaries).
@@ -241,7 +217,8 @@ class LinearHandler(LayerHandler):
         if self.state.step_cache.get("design") == "rank1" and "per_example" not in self.state.step_cache:
             rows = self._rank1_rows()
             if rows is not None:
-                return self._accumulate_rank1(c, *rows)
+                a, g = rows  # T = 1: the same one-GEMM sum over [B, 1, d] / [B, 1, p] rows
+                return self._accumulate_plain(c, a.unsqueeze(1), g.unsqueeze(1))
         A, G = self._pairs()
         m = self.module
         if ("per_example" not in self.state.step_cache and self.state.step_cache.get("design") == "segments"
