@@ -214,6 +214,13 @@ def jnp_conv_weight_sq_norms(x, G, geo: Conv2dGeometry, pads, method: str, preci
         gg = jnp.einsum("bsgp,btgp->bgst", Gg, Gg, precision=prec)
         return jnp.sum(uu * gg, axis=(1, 2, 3))
 
+    return map_batch_chunks(norms, x, G, chunk)
+
+
+def map_batch_chunks(norms, x, G, chunk: int):
+    """``norms((x, G))`` [B] evaluated over the batch in chunks of ``chunk`` examples (lax.map;
+    the last chunk zero-padded and its rows dropped), so per-chunk temporaries stay bounded."""
+    B = x.shape[0]
     if chunk >= B:
         return norms((x, G))
     nb = math.ceil(B / chunk)

@@ -27,7 +27,6 @@ are the same quantity (checked against a per-example autodiff oracle, tests/test
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax.numpy as jnp
@@ -127,13 +126,7 @@ def jnp_conv_weight_sq_norms(x, G, geo, pads, method: str, precision: str = "iee
         gg = jnp.einsum("bsgp,btgp->bgst", Gg, Gg, precision=prec)
         return jnp.sum(uu * gg, axis=(1, 2, 3))
 
-    if chunk >= B:
-        return norms((x, G))
-    nb = math.ceil(B / chunk)
-    pad = nb * chunk - B
-    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape((nb, chunk) + x.shape[1:])
-    gs = jnp.pad(G, ((0, pad),) + ((0, 0),) * (G.ndim - 1)).reshape((nb, chunk) + G.shape[1:])
-    return lax.map(norms, (xs, gs)).reshape(-1)[:B]
+    return _conv.map_batch_chunks(norms, x, G, chunk)
 
 
 def conv_weight_sq_norms(x, G, *, kernel_size, strides, padding, dilation=1, groups: int = 1,
