@@ -50,7 +50,7 @@ from dpprims import noise as _nz
 
 log = logging.getLogger("dpprims")
 
-__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "normal_pairs_from_words", "philox_words",
+__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "noisy_update_many", "normal_pairs_from_words", "philox_words",
            "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "get_num_threads", "set_num_threads"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
@@ -215,10 +215,23 @@ def _check_stream(n: int, pair_offset: int, stream_word: int) -> None:
                          f"got {stream_word:#x}")
 
 
+_tls = threading.local()  # per-thread scratch of the chunk pipeline (each pool thread has its own)
+
+
+def _scratch(ch: int) -> tuple:
+    """Seven float32 scratch arrays of this thread, at least ``ch`` pairs long: v, theta,
+    k 32 ln 2, log v, cos, sin, and z (2 ch). Reused from call to call (allocating them cost
+    ~10% of a small draw); every chunk writes what it reads back first."""
+    sc = getattr(_tls, "scratch", None)
+    if sc is None or sc[0].shape[0] < ch:
+        sc = _tls.scratch = tuple(np.empty(ch, np.float32) for _ in range(6)) + (np.empty(2 * ch, np.float32),)
+    return sc
+
+
 def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset: int, out=None):
     """Yield (e0, e1, z) per chunk: z (float32 view) holds elements [e0, e1) of the noise, written
-    into ``out`` (a flat float32 array of n elements) if given, else into a reused scratch buffer
-    (valid until the next chunk)."""
+    into ``out`` (a flat float32 array of n elements) if given, else into this thread's scratch
+    buffer (valid until the next chunk or the next draw on this thread)."""
     f = _compiled()
     if f is None:
         raise RuntimeError("dpprims.noise_cpu needs numba (pip install numba)")
@@ -229,30 +242,31 @@ def _z_chunks(n: int, k0: int, k1: int, step: int, stream_word: int, pair_offset
     c2, c3 = np.uint32(int(step) & _M32), np.uint32(stream_word)
     forcing = _FORCE_EXTENSION is not None
     fmask, fval = (np.uint32(x) for x in (_FORCE_EXTENSION or (0, 1)))
+    prep, fix, finish, log, cos, sin = f["prep"], f["fix_extension"], f["finish"], np.log, np.cos, np.sin
     ch = min(CHUNK_PAIRS, n_pairs)
-    scratch = tuple(np.empty(ch, np.float32) for _ in range(6))  # v, theta, k 32 ln 2, log v, cos, sin
-    zbuf = np.empty(2 * ch, np.float32) if out is None else None
+    sc = _scratch(ch)
+    zbuf = sc[6]
     start = 0
     while start < n_pairs:
         p0 = pair_offset + start
         m = min(ch, n_pairs - start, (1 << 32) - (p0 & _M32))  # a chunk never carries into c1
         c0, c1 = np.uint32(p0 & _M32), np.uint32(p0 >> 32)
-        v, th, kl, lv, ct, st = scratch if m == ch else tuple(a[:m] for a in scratch)  # kernels use [0, m)
+        v, th, kl, lv, ct, st = (a[:m] for a in sc[:6])  # the kernels use [0, m)
         if forcing:
             need = f["prep_forced"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
         else:
-            need = f["prep"](c0, c1, m, k0, k1, c2, c3, v, th, kl)
+            need = prep(c0, c1, m, k0, k1, c2, c3, v, th, kl)
         if need:
-            f["fix_extension"](c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
-        np.log(v, out=lv)
-        np.cos(th, out=ct)
-        np.sin(th, out=st)
+            fix(c0, c1, m, k0, k1, c2, c3, v, th, kl, fmask, fval)
+        log(v, out=lv)
+        cos(th, out=ct)
+        sin(th, out=st)
         e0, e1 = 2 * start, min(2 * (start + m), n)
         if out is None:
-            f["finish"](kl, lv, ct, st, m, zbuf, 0, e1 - e0)
+            finish(kl, lv, ct, st, m, zbuf, 0, e1 - e0)
             yield e0, e1, zbuf[:e1 - e0]
         else:
-            f["finish"](kl, lv, ct, st, m, out, e0, n)
+            finish(kl, lv, ct, st, m, out, e0, n)
             yield e0, e1, out[e0:e1]
         start += m
 
@@ -318,40 +332,59 @@ def noisy_update(kind: str, param, grad, state1, state2, grad_out, *, hyper, ada
     9 fp32 hyper values (kernels/update.py layout, as floats); adam_scalars: (lr / bc1, sqrt(bc2),
     1 - lr wd) as float32 (computed by the caller in fp64 as the kernel does), None for SGD.
     ``threads``: see the module docstring (each thread updates its own element range)."""
+    noisy_update_many(kind, [(param, grad, state1, state2, grad_out, pair_offset, threads)], hyper=hyper,
+                      adam_scalars=adam_scalars, nesterov=nesterov, k0=k0, k1=k1, step=step, stream_word=stream_word)
+
+
+def noisy_update_many(kind: str, segments, *, hyper, adam_scalars, nesterov: bool, k0: int, k1: int, step: int,
+                      stream_word: int) -> None:
+    """:func:`noisy_update` over several parameters of one step in one call: ``segments`` is a
+    list of ``(param, grad, state1, state2, grad_out, pair_offset, threads)``, each as in
+    noisy_update, sharing kind, hyper values, key, step and stream (what a parameter list's step
+    shares). The same numbers as one noisy_update call per segment (each segment draws from its
+    own pair_offset), with the per-call work (argument checks, fp32 hyper values, the thread-local
+    scratch) done once: for a small model that work cost as much as the draw."""
     f = _compiled()
-    n = param.size
-    stream_word, pair_offset = int(stream_word), int(pair_offset)
-    _check_stream(n, pair_offset, stream_word)
-    arrays = [a for a in (param, grad, state1, state2, grad_out) if a is not None]
-    for a in arrays:
-        if a.dtype != np.float32 or a.size != n or not a.flags.c_contiguous:
-            raise ValueError(f"noisy_update needs contiguous float32 arrays of {n} elements, got {a.dtype}[{a.size}]")
-    flat = [None if a is None else a.reshape(-1) for a in (param, grad, state1, state2, grad_out)]
-    p, g, s1, s2, go = flat
-    h = [np.float32(x) for x in hyper]
-    std, norm, lr, b1, b2, eps, wd, omb1, omb2 = h
-    write = go is not None
-    dummy = np.empty(0, np.float32)
+    stream_word = int(stream_word)
     if kind == "sgd":
-        has_buf, nest = s1 is not None, bool(nesterov)
+        upd = f["sgd_update"]
     elif kind in ("adam", "adamw"):
+        upd = f["adam_update"]
         step_size, bc2_sqrt, decay = (np.float32(x) for x in adam_scalars)
         decoupled = kind == "adamw"
     else:
         raise ValueError(f"kind must be 'sgd', 'adam' or 'adamw', got {kind!r}")
+    h = [np.float32(x) for x in hyper]
+    std, norm, lr, b1, b2, eps, wd, omb1, omb2 = h
+    nest = bool(nesterov)
+    dummy = np.empty(0, np.float32)
+    checked = []
+    for param, grad, s1, s2, go, pair_offset, threads in segments:
+        n = param.size
+        pair_offset = int(pair_offset)
+        _check_stream(n, pair_offset, stream_word)
+        for a in (param, grad, s1, s2, go):
+            if a is not None and (a.dtype != np.float32 or a.size != n or not a.flags.c_contiguous):
+                raise ValueError(f"noisy_update needs contiguous float32 arrays of {n} elements, got "
+                                 f"{a.dtype}[{a.size}]")
+        if kind != "sgd" and (s1 is None or s2 is None):
+            raise ValueError(f"{kind} needs exp_avg and exp_avg_sq")
+        checked.append((n, pair_offset, threads, *(None if a is None else a.reshape(-1) for a in (param, grad, s1, s2, go))))
+    for n, pair_offset, threads, p, g, s1, s2, go in checked:
+        write = go is not None
+        has_buf = s1 is not None
 
-    def part(lo, hi):
-        for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2):
-            sl = slice(lo + e0, lo + e1)
-            gout = go[sl] if write else dummy
-            if kind == "sgd":
-                f["sgd_update"](z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd,
-                                has_buf, nest, write)
-            else:
-                f["adam_update"](z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd,
-                                 step_size, bc2_sqrt, decay, decoupled, write)
+        def part(lo, hi, p=p, g=g, s1=s1, s2=s2, go=go, write=write, has_buf=has_buf, pair_offset=pair_offset):
+            for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2):
+                sl = slice(lo + e0, lo + e1)
+                gout = go[sl] if write else dummy
+                if kind == "sgd":
+                    upd(z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd, has_buf, nest, write)
+                else:
+                    upd(z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
+                        decay, decoupled, write)
 
-    _run_parts(n, threads, part)
+        _run_parts(n, threads, part)
 
 
 def philox_words(c0, c1, c2, c3, k0: int, k1: int) -> np.ndarray:

@@ -103,12 +103,13 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
     param.copy_(p)
 
 
-def _fused_cpu_direct(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
-                      scalars: dict, pair_offset: int, rank: int, nesterov: bool, write_grad: bool) -> Optional[Tensor]:
-    """add_noise_and_step's eager CPU path: ``_launch_update`` + ``_update_torch``'s numba branch
-    without the custom-op dispatch (~20 us a parameter) and with the per-step scalars read once
-    (``scalars``); the same call of dpprims.noise_cpu.noisy_update with the same arguments, so the
-    same bits. Returns None where it does not apply (then the op runs, with its own checks)."""
+def _cpu_segment(param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor, threads: int,
+                 pair_offset: int, write_grad: bool):
+    """add_noise_and_step's eager CPU path for one parameter: ``(segment, g)`` for
+    dpprims.noise_cpu.noisy_update_many (the arguments ``_update_torch``'s numba branch passes to
+    noisy_update, so the same bits), all the step's parameters in one call, without the
+    custom-op dispatch (~20 us a parameter); ``g`` is the noisy-gradient buffer (or an empty
+    tensor). None where it does not apply (then the op runs, with its own checks)."""
     n = param.numel()
     if n == 0 or not all(t is None or (t.shape == param.shape and t.is_contiguous()) for t in (grad, s1, s2)):
         return None
@@ -117,16 +118,10 @@ def _fused_cpu_direct(kind: int, param: Tensor, s1: Optional[Tensor], s2: Option
     _nz.check_pair_range(pair_offset, n)
     record("noisy_update", param)
     grad_out = torch.empty_like(grad) if write_grad else None
-    _ncpu.noisy_update(
-        {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], *(
-            None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
-        hyper=scalars["hyper"], adam_scalars=scalars["adam"], nesterov=nesterov, k0=scalars["k0"], k1=scalars["k1"],
-        step=scalars["step"], stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
-        threads=1 if param.numel() < THREADED_MIN else scalars["threads"])
-    return grad_out if write_grad else grad.new_empty(0)
+    seg = tuple(None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out))
+    return seg + (pair_offset, 1 if n < THREADED_MIN else threads), (grad_out if write_grad else grad.new_empty(0))
 
 
-# ----------------------------------------------------------------------------- launch
 def _launch_update(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
                    seed: Tensor, step: Tensor, hyper: Tensor, pair_offset: int, rank: int, nesterov: bool,
                    write_grad: bool) -> Tensor:
@@ -276,13 +271,13 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                     k0, k1 = _seed_ints(seed_t)
                     cache[key] = dict(hyper=hyper.tolist()[:_ku.N_HYPER], k0=k0, k1=k1,
                                       step=int(step_t.reshape(-1)[0].item()) & 0xFFFFFFFF, threads=_cpu_threads(),
-                                      adam=None if kind == _ku.SGD else _adam_scalars_f64(step_t, hyper))
+                                      adam=None if kind == _ku.SGD else _adam_scalars_f64(step_t, hyper), segments=[])
                 s1 = (state["momentum_buffer"][i] if has_momentum else None) if kind == _ku.SGD else state["exp_avg"][i]
                 s2 = None if kind == _ku.SGD else state["exp_avg_sq"][i]
-                g = _fused_cpu_direct(kind, p, s1, s2, grad, cache[key], off, int(rank), bool(nesterov),
-                                      bool(return_noisy_grads))
-                if g is not None:
-                    out.append(g)
+                got = _cpu_segment(p, s1, s2, grad, cache[key]["threads"], off, bool(return_noisy_grads))
+                if got is not None:
+                    cache[key]["segments"].append(got[0])
+                    out.append(got[1])
                     continue
             if kind == _ku.SGD:
                 buf = state["momentum_buffer"][i] if has_momentum else None
@@ -292,6 +287,12 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                 g = _noisy_adam_update_op(p, state["exp_avg"][i], state["exp_avg_sq"][i], grad, seed_t, step_t,
                                           hyper, off, int(rank), kind == _ku.ADAMW, bool(return_noisy_grads))
             out.append(g)
+        for key, sc in cache.items():
+            if isinstance(key, tuple) and key[0] == "direct" and sc["segments"]:
+                _ncpu.noisy_update_many(
+                    {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], sc["segments"], hyper=sc["hyper"],
+                    adam_scalars=sc["adam"], nesterov=bool(nesterov), k0=sc["k0"], k1=sc["k1"], step=sc["step"],
+                    stream_word=_nz.stream_word(int(rank)))
     if not isinstance(step, Tensor):
         state["last_step"] = int(step)
     return out if return_noisy_grads else None
