@@ -328,6 +328,27 @@ def check_max_grad_norm(max_grad_norm: float, clipping: str) -> float:
     return C
 
 
+def clip_factors_torch(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_norm: torch.Tensor,
+                       automatic: bool, gamma: float, slack: torch.Tensor | None = None):
+    """The plain-torch implementation of :func:`clip_factors` (same arguments, shapes checked by
+    the caller; B > 0): what the op runs on a CPU without the interpreter, and what
+    DPEngine.backward calls directly there (the custom-op dispatch costs ~100 us a step, more
+    than the arithmetic). fp32; c_i = 0 where the mask is 0 or n_i (or the slack) is not finite."""
+    n = sq_norms.float().sqrt()
+    C = max_grad_norm.float().reshape(())
+    keep = torch.isfinite(n)
+    if slack is None:
+        c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
+    else:
+        rho, alpha = slack.float()[0], slack.float()[1]
+        keep = keep & torch.isfinite(rho) & torch.isfinite(alpha)
+        c = (torch.clamp(C - alpha, min=0.0) / (n + rho + gamma) if automatic
+             else torch.clamp((C - alpha) / (n + rho + _kclip.FLAT_EPS), min=0.0, max=1.0))
+    if mask is not None:
+        keep = keep & (mask != 0)
+    return torch.where(keep, c, 0.0), n
+
+
 @torch.library.custom_op("dpprims::clip_factors", mutates_args=())
 def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_norm: torch.Tensor,
                  automatic: bool, gamma: float, slack: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,19 +367,7 @@ def clip_factors(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_grad_nor
         return sq_norms.new_zeros(0, dtype=torch.float32), sq_norms.new_zeros(0, dtype=torch.float32)
     backend = record("clip_factors", sq_norms)
     if backend == "torch":
-        n = sq_norms.float().sqrt()
-        C = max_grad_norm.float().reshape(())
-        keep = torch.isfinite(n)
-        if slack is None:
-            c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
-        else:
-            rho, alpha = slack.float()[0], slack.float()[1]
-            keep = keep & torch.isfinite(rho) & torch.isfinite(alpha)
-            c = (torch.clamp(C - alpha, min=0.0) / (n + rho + gamma) if automatic
-                 else torch.clamp((C - alpha) / (n + rho + _kclip.FLAT_EPS), min=0.0, max=1.0))
-        if mask is not None:
-            keep = keep & (mask != 0)
-        return torch.where(keep, c, 0.0), n
+        return clip_factors_torch(sq_norms, mask, max_grad_norm, automatic, gamma, slack)
     spec = _kclip.clip_factor_spec(B)
     c = empty(B, device=sq_norms.device, dtype=torch.float32)
     n = empty(B, device=sq_norms.device, dtype=torch.float32)

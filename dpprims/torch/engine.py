@@ -36,7 +36,7 @@ import math
 import torch
 
 from dpprims.bindings.torch import _backend
-from dpprims.bindings.torch.linear import check_max_grad_norm, clip_factors
+from dpprims.bindings.torch.linear import check_max_grad_norm, clip_factors, clip_factors_torch
 
 from .handlers import HANDLERS, handler_for
 
@@ -213,11 +213,11 @@ class DPEngine:
             if per_example_B is not None and per_example_B != B:
                 raise ValueError(f"loss has {per_example_B} per-example entries but the layers saw B = {B}")
             scale = float(B) if mean else 1.0
-            device = next(self.model.parameters()).device
             sq = None
             for h, _ in active:
                 s = h.sq_norms(B)
                 sq = s if sq is None else sq + s  # (handlers return fresh fp32 [B] tensors)
+            device = sq.device  # the layers' device (the handlers' norms live there)
             if scale != 1.0:
                 sq = sq * (scale * scale)
             # design (c) layers: rho_i = sqrt(sum_l (u S_i^l)^2), alpha_i = sqrt(sum_l (alpha_i^l)^2)
@@ -248,7 +248,12 @@ class DPEngine:
                     # example routed, i.e. without the design-(a) launch that would skip every
                     # example (on a GPU it runs, costing about a launch: no host sync here)
                     route = None
-            c, norms = clip_factors(sq, mask, C, self.clipping == "automatic", self.gamma, slack)
+            auto = self.clipping == "automatic"
+            if B > 0 and _backend.record("clip_factors", sq) == "torch" and not torch.compiler.is_compiling():
+                # the op's own plain-torch code, without its custom-op dispatch (~100 us a step)
+                c, norms = clip_factors_torch(sq, mask, C, auto, self.gamma, slack)
+            else:
+                c, norms = clip_factors(sq, mask, C, auto, self.gamma, slack)
             c_eff = c * scale if scale != 1.0 else c
             self.exact_route = route
             try:
@@ -280,8 +285,22 @@ class DPEngine:
                 self.last_stats["exact_routed"] = (route & valid).sum() if route is not None else valid.new_zeros(())
             return norms
         finally:
+            self._kept_rows = None
             for h in self.handlers:
                 h.state.clear()
+
+    def kept_rows(self, c: torch.Tensor):
+        """For the plain-torch clipped sums: None when every c_i != 0, else the indices of the
+        examples with c_i != 0 (padding and non-finite examples are indexed away, never
+        multiplied: 0 * NaN = NaN). Computed once per backward for the clip factors ``c`` of
+        that backward (a host read, free on the CPU path), shared by the layers."""
+        memo = self.__dict__.get("_kept_rows")
+        if memo is not None and memo[0] is c:
+            return memo[1]
+        keep = c != 0
+        idx = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        self._kept_rows = (c, idx)
+        return idx
 
     def _clip_norm_tensor(self, device) -> torch.Tensor:
         """max_grad_norm as the one-element fp32 tensor clip_factors takes, built once per (device,

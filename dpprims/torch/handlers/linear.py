@@ -80,6 +80,9 @@ class LinearHandler(LayerHandler):
         apply (Triton backends, T > 1, no weight or bias to clip). With T = 1 the per-example
         weight gradient is the outer product g_i a_i^T: its squared norm is ||g_i||^2 ||a_i||^2
         (bias: ||g_i||^2) and the clipped sum is the one weight-gradient GEMM (c * g)^T a."""
+        return self.state.memo("rank1_rows", self._rank1_rows_now)
+
+    def _rank1_rows_now(self):
         A, G = self._pairs()
         if A.shape[1] != 1 or _backend.backend_for(A) != "torch":
             return None
@@ -191,9 +194,8 @@ class LinearHandler(LayerHandler):
         first, never multiplied (0 * NaN would be NaN); reading c on the host is free on this
         CPU path."""
         m = self.module
-        keep = c != 0
-        if not bool(keep.all()):
-            idx = keep.nonzero().squeeze(1)
+        idx = self.engine.kept_rows(c)
+        if idx is not None:
             A, G, c = A.index_select(0, idx), G.index_select(0, idx), c.index_select(0, idx)
         P, D = G.shape[2], A.shape[2]
         gs3 = G.float() * c.view(-1, 1, 1)  # [B', T, p] scaled output-gradient rows
@@ -210,8 +212,9 @@ class LinearHandler(LayerHandler):
             _backend.record("linear_clipped_bias_grad", A)
             # per example over its positions, then over the examples (the summation order of
             # the per-example definition: a bias whose exact gradient cancels, like attention's
-            # key bias, keeps its small error)
-            add_grad(m.bias, gs3.sum(1).sum(0))
+            # key bias, keeps its small error); with one position the first sum is the identity
+            # (and a size-1 reduction costs 6x the [B', p] one here)
+            add_grad(m.bias, gs.sum(0) if gs3.shape[1] == 1 else gs3.sum(1).sum(0))
 
     def accumulate_clipped(self, c: torch.Tensor) -> None:
         if self.state.step_cache.get("design") == "rank1" and "per_example" not in self.state.step_cache:
