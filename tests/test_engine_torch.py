@@ -331,6 +331,30 @@ def test_functional_use_of_a_wrapped_weight_is_caught():
         engine.backward(model(x).pow(2).sum(1))
 
 
+@pytest.mark.parametrize("outside", ["loss.backward", "autograd.grad"])
+def test_backward_outside_the_engine_is_refused_not_mixed(outside):
+    """A backward through the wrapped model outside engine.backward leaves output gradients in
+    the DP layers; the next engine.backward must refuse them (they would be combined with its own
+    batch example by example), then recover: the step after gives the oracle's clipped sum."""
+    model = _mlp(bias=True)
+    engine = DPEngine(model, 0.7)
+    x_old, y_old = _data(6, (11,), 7)
+    loss_old = F.cross_entropy(model(x_old.requires_grad_()), y_old)
+    if outside == "loss.backward":
+        loss_old.backward()
+    else:
+        torch.autograd.grad(loss_old, x_old)
+    x, y = _data(6, (11,), 7)
+    with pytest.raises(RuntimeError, match=r"layer '0' holds an output gradient .* outside DPEngine.backward"):
+        engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    for p in model.parameters():
+        p.grad = None
+    engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    want, _ = _oracle(model, _mlp_jax, x, y, 0.7)
+    for k, p in model.named_parameters():
+        _assert_rel(p.grad, want[k], 1e-5, k)
+
+
 def test_bad_arguments_are_named():
     model = _mlp()
     with pytest.raises(ValueError, match="max_grad_norm"):

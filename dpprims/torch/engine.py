@@ -27,6 +27,9 @@ Edge cases, all privacy-relevant and tested:
 * if autograd ever produces a gradient for a parameter the engine owns (the weight was used
   outside its module's forward, e.g. tied or functional use), backward raises: that gradient
   would be non-private.
+* a backward through the wrapped model outside ``engine.backward`` (``loss.backward()``,
+  ``torch.autograd.grad``) leaves output gradients in the DP layers; the next
+  ``engine.backward`` raises instead of mixing that batch's examples into its own.
 * B = 0 (empty physical batch) is a valid step: it contributes 0.
 """
 from __future__ import annotations
@@ -198,6 +201,7 @@ class DPEngine:
         ``mask``: optional [B] (bool or 0/1); 0 marks padding rows that contribute nothing.
         """
         total, per_example_B, mean = self._total_loss(loss)
+        self._refuse_stale_captures()
         total.backward()
         try:
             # layers whose backward ran this step (a layer outside the loss's graph has none)
@@ -288,6 +292,25 @@ class DPEngine:
             self._kept_rows = None
             for h in self.handlers:
                 h.state.clear()
+
+    def _refuse_stale_captures(self) -> None:
+        """Privacy-relevant: a DP layer whose backward already ran (an output gradient is there
+        before this backward starts) was reached by a backward outside DPEngine.backward, e.g.
+        ``loss.backward()`` or ``torch.autograd.grad`` through the wrapped model. Those layers
+        return no weight gradient, and their captures would be combined with this step's as if
+        the layer had been called twice: example i of the other batch mixed into example i of
+        this one. Refused (RuntimeError naming the layer); every capture is dropped so the next
+        forward starts clean."""
+        for h in self.handlers:
+            if any(cap.grad_out is not None for cap in h.state.captures):
+                for other in self.handlers:
+                    other.state.clear()
+                raise RuntimeError(
+                    f"DPEngine.backward: layer {h.name or '<root>'!r} holds an output gradient from a backward "
+                    "that ran outside DPEngine.backward (loss.backward() or torch.autograd.grad through the "
+                    "wrapped model). Its examples would be mixed into this step's per-example gradients, so "
+                    "the step is refused and the layers' captures are dropped. Run backwards through the "
+                    "wrapped model with engine.backward only (other backwards: after engine.detach()).")
 
     def kept_rows(self, c: torch.Tensor):
         """For the plain-torch clipped sums: None when every c_i != 0, else the indices of the
