@@ -4,6 +4,7 @@
     python bench/e2e.py --smoke --out /tmp/e2e                  # CPU: tiny, proves the harness
     python bench/e2e.py --configs r18-32-b256 --precisions bf16 --out bench/results
     python bench/e2e.py --device cpu --out bench/results       # CPU: 2-core-sized configs (CPU_CONFIGS)
+    python bench/e2e.py --device cpu --rounds 3 --out bench/results   # the same, methods round-robin 3 times
 
 Configs: ResNet-18-GN (CIFAR stem) at 32x32 with physical batch 256 and 1024, ResNet-50-GN at
 224x224 with batch 64 (dpprims.models / dpprims.models.jax_resnet: the same networks in torch
@@ -916,6 +917,28 @@ def _split(v, allowed, name):
     return vals
 
 
+def merge_rounds(group: list, methods: list) -> list:
+    """One row per method from the rounds of ``--rounds``: the first successful round's row with
+    the timed steps of every successful round pooled (median and 10/90% quantiles recomputed,
+    examples/s from the pooled median) and the per-round medians in ``round_medians_ms``; a
+    method that never succeeded keeps its first row (its status and reason)."""
+    out = []
+    for m in methods:
+        rs = [r for r in group if r.get("method") == m]
+        ok = [r for r in rs if r.get("status") == "ok" and r.get("step_ms_all")]
+        if not ok:
+            out.append(rs[0])
+            continue
+        row = dict(ok[0])
+        times = [t for r in ok for t in r["step_ms_all"]]
+        med = quantile(times, 0.5)
+        row.update(step_ms_all=times, steps=len(times), step_ms_median=med, step_ms_p10=quantile(times, 0.1),
+                   step_ms_p90=quantile(times, 0.9), examples_per_s=row["batch"] / (med * 1e-3),
+                   rounds=len(ok), round_medians_ms=[r["step_ms_median"] for r in ok])
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the JSON and the PNG")
@@ -942,6 +965,10 @@ def main(argv=None) -> int:
                          "in fp32 and writes <out>/cpu-<date>.json and .md")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per worker for torch (default: all cores; smoke: 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each config's methods this many times, round-robin (a fresh process each time), "
+                         "and pool their timed steps: on a shared machine whose speed drifts, every method then "
+                         "samples the same stretches of time (default 1)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -992,35 +1019,40 @@ def main(argv=None) -> int:
     # no CUDA context in the parent while the workers run (it would hold device memory)
     info = machine_info(query_device=False)
     print(f"machine: {info['machine_line']}\ncommand: {info['command']}\nisolation: {isolation}", flush=True)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     rows = []
     for cfg in configs:
         base = dict(table[cfg])
         for prec in precisions:
-            for method in methods:
-                spec = dict(config=cfg, precision=prec, method=method, device=device, steps=steps, warmup=warmup,
-                            interpret=bool(args.interpret), **{k: v for k, v in base.items() if k != "search"})
-                spec["search"] = bool(base.get("search")) and not args.no_max_batch
-                if smoke and method.startswith(("jax", "dpprims-jax")) and not args.max_batch_cap:
-                    spec["search"] = False  # each probe recompiles: only with an explicit --max-batch-cap
-                    spec["search_skipped"] = "smoke: JAX probes recompile; pass --max-batch-cap to search"
-                spec["search_cap"] = args.max_batch_cap or (2 * base["batch"] if smoke else 65536)
-                spec["search_time"] = search_time
-                if smoke and not cuda:
-                    spec["cpu_threads"] = args.threads or 1
-                elif not cuda:
-                    spec["cpu_threads"] = args.threads or os.cpu_count() or 1
-                elapsed = time.perf_counter() - t_run
-                if args.time_budget is not None and elapsed > args.time_budget:
-                    row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
-                    row.update(status="skipped", reason=f"time budget {args.time_budget:.0f} s spent before it started")
-                else:
-                    left = timeout if args.time_budget is None else max(30.0, min(timeout, args.time_budget - elapsed + 30))
-                    row = _run_isolated(spec, isolation, left)
-                rows.append(row)
-                eps = row.get("examples_per_s")
-                print(f"  {cfg:<14} {prec:<5} {method:<17} {row['status']:<8} "
-                      + (f"{eps:10.1f} ex/s  step {row['step_ms_median']:.1f} ms" if eps else row.get("reason", ""))
-                      + (f"  ({row.get('process_s', 0):.1f} s)" if row.get("process_s") else ""), flush=True)
+            group = []
+            for _ in range(args.rounds):
+                for method in methods:
+                    spec = dict(config=cfg, precision=prec, method=method, device=device, steps=steps, warmup=warmup,
+                                interpret=bool(args.interpret), **{k: v for k, v in base.items() if k != "search"})
+                    spec["search"] = bool(base.get("search")) and not args.no_max_batch
+                    if smoke and method.startswith(("jax", "dpprims-jax")) and not args.max_batch_cap:
+                        spec["search"] = False  # each probe recompiles: only with an explicit --max-batch-cap
+                        spec["search_skipped"] = "smoke: JAX probes recompile; pass --max-batch-cap to search"
+                    spec["search_cap"] = args.max_batch_cap or (2 * base["batch"] if smoke else 65536)
+                    spec["search_time"] = search_time
+                    if smoke and not cuda:
+                        spec["cpu_threads"] = args.threads or 1
+                    elif not cuda:
+                        spec["cpu_threads"] = args.threads or os.cpu_count() or 1
+                    elapsed = time.perf_counter() - t_run
+                    if args.time_budget is not None and elapsed > args.time_budget:
+                        row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
+                        row.update(status="skipped", reason=f"time budget {args.time_budget:.0f} s spent before it started")
+                    else:
+                        left = timeout if args.time_budget is None else max(30.0, min(timeout, args.time_budget - elapsed + 30))
+                        row = _run_isolated(spec, isolation, left)
+                    group.append(row)
+                    eps = row.get("examples_per_s")
+                    print(f"  {cfg:<14} {prec:<5} {method:<17} {row['status']:<8} "
+                          + (f"{eps:10.1f} ex/s  step {row['step_ms_median']:.1f} ms" if eps else row.get("reason", ""))
+                          + (f"  ({row.get('process_s', 0):.1f} s)" if row.get("process_s") else ""), flush=True)
+            rows.extend(merge_rounds(group, methods) if args.rounds > 1 else group)
 
     info = machine_info(query_device=True)
     if cpu_full:

@@ -61,6 +61,27 @@ def test_cpu_ratios_and_targets_from_rows():
     assert "| dpprims-jax | failed: boom |" in md and "missed" in md
 
 
+def test_rounds_pool_the_timed_steps_per_method():
+    """--rounds: one row per method, its steps pooled over the successful rounds (the median of
+    the pool, not of one round), the per-round medians kept; a method that never ran keeps its
+    failure."""
+    cfg = "mlp-784-256-b256"
+    group = [_row(cfg, "torch-nonprivate", 2.0, step_ms_all=[2.0, 2.1, 1.9]),
+             _row(cfg, "dpprims-torch", 3.0, step_ms_all=[3.0, 3.3, 2.9]),
+             dict(config=cfg, method="opacus-hooks", status="failed", reason="boom"),
+             _row(cfg, "torch-nonprivate", 4.0, step_ms_all=[4.0, 4.2, 3.8]),
+             _row(cfg, "dpprims-torch", 5.0, step_ms_all=[5.0, 5.5, 4.9]),
+             dict(config=cfg, method="opacus-hooks", status="failed", reason="boom again")]
+    rows = e2e.merge_rounds(group, ["torch-nonprivate", "opacus-hooks", "dpprims-torch"])
+    by = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == ["torch-nonprivate", "opacus-hooks", "dpprims-torch"]
+    npv, dp = by["torch-nonprivate"], by["dpprims-torch"]
+    assert npv["steps"] == 6 and npv["rounds"] == 2 and npv["round_medians_ms"] == [2.0, 4.0]
+    assert npv["step_ms_median"] == e2e.quantile([2.0, 2.1, 1.9, 4.0, 4.2, 3.8], 0.5)
+    assert abs(dp["examples_per_s"] - 32 / (e2e.quantile([3.0, 3.3, 2.9, 5.0, 5.5, 4.9], 0.5) * 1e-3)) < 1e-9
+    assert by["opacus-hooks"]["status"] == "failed" and by["opacus-hooks"]["reason"] == "boom"
+
+
 def test_cpu_run_of_the_mlp_writes_json_and_markdown(tmp_path):
     """One real CPU worker: dpprims torch on the default job's MLP, plain-torch path, with its
     own noise + fused update timed separately."""
