@@ -370,21 +370,55 @@ def noisy_update_many(kind: str, segments, *, hyper, adam_scalars, nesterov: boo
         if kind != "sgd" and (s1 is None or s2 is None):
             raise ValueError(f"{kind} needs exp_avg and exp_avg_sq")
         checked.append((n, pair_offset, threads, *(None if a is None else a.reshape(-1) for a in (param, grad, s1, s2, go))))
-    for n, pair_offset, threads, p, g, s1, s2, go in checked:
-        write = go is not None
-        has_buf = s1 is not None
+    def update(z, seg, lo, hi):  # elements [lo, hi) of one segment, z their noise
+        n, pair_offset, threads, p, g, s1, s2, go = seg
+        sl = slice(lo, hi)
+        gout = go[sl] if go is not None else dummy
+        if kind == "sgd":
+            has_buf = s1 is not None
+            upd(z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd, has_buf, nest, go is not None)
+        else:
+            upd(z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
+                decay, decoupled, go is not None)
 
-        def part(lo, hi, p=p, g=g, s1=s1, s2=s2, go=go, write=write, has_buf=has_buf, pair_offset=pair_offset):
-            for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, pair_offset + lo // 2):
-                sl = slice(lo + e0, lo + e1)
-                gout = go[sl] if write else dummy
-                if kind == "sgd":
-                    upd(z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd, has_buf, nest, write)
-                else:
-                    upd(z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
-                        decay, decoupled, write)
+    # Segments that run on this thread and whose pair ranges follow each other (a parameter
+    # list's offsets from dpprims.noise.pair_offsets do) are drawn as one stream: segment element
+    # j is element 2 (pair_offset - run start) + j of the run, so a bias shares the chunk of the
+    # weight before it instead of paying a chunk pipeline of its own (the same numbers: each
+    # element's noise depends only on its counter).
+    run, run_pairs = [], 0
+
+    def flush():
+        if not run:
+            return
+        first = run[0][1]
+        starts = [2 * (seg[1] - first) for seg in run]
+        for e0, e1, z in _z_chunks(2 * run_pairs, k0, k1, step, stream_word, first):
+            for seg, s0 in zip(run, starts):
+                lo, hi = max(e0, s0), min(e1, s0 + seg[0])
+                if lo < hi:
+                    update(z[lo - e0:hi - e0], seg, lo - s0, hi - s0)
+        run.clear()
+
+    for seg in checked:
+        n, pair_offset, threads = seg[:3]
+        serial = _split(n, threads)[0] == 1
+        if serial and run and pair_offset == run[0][1] + run_pairs:
+            run.append(seg)
+            run_pairs += (n + 1) // 2
+            continue
+        flush()
+        if serial:
+            run.append(seg)
+            run_pairs = (n + 1) // 2
+            continue
+
+        def part(lo, hi, seg=seg):
+            for e0, e1, z in _z_chunks(hi - lo, k0, k1, step, stream_word, seg[1] + lo // 2):
+                update(z, seg, lo + e0, lo + e1)
 
         _run_parts(n, threads, part)
+    flush()
 
 
 def philox_words(c0, c1, c2, c3, k0: int, k1: int) -> np.ndarray:

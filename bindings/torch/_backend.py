@@ -41,9 +41,10 @@ def arch_for(t) -> int:
     return _launch.DEFAULT_ARCH  # interpreter / meta tensors (kernels._launch.DEFAULT_ARCH)
 
 
-def record(op: str, t) -> str:
-    """Pick the backend for ``op`` on tensor ``t``, record it, and log the first torch fallback."""
-    b = backend_for(t)
+def record(op: str, t, backend: str | None = None) -> str:
+    """Pick the backend for ``op`` on tensor ``t`` (or take ``backend``, one the caller already
+    picked for ``t`` in this call), record it, and log the first torch fallback."""
+    b = backend_for(t) if backend is None else backend
     LAST_BACKEND[op] = b
     if b == "torch" and op not in _warned:
         _warned.add(op)

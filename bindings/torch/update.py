@@ -182,6 +182,73 @@ def _(param, exp_avg, exp_avg_sq, grad, seed, step, hyper, pair_offset, rank, de
 
 
 # ----------------------------------------------------------------------------- user API
+def _eager_cpu(params, seed, step) -> bool:
+    """add_noise_and_step's whole-list CPU path applies: integer seed and step, eager (not traced),
+    every parameter an fp32 CPU tensor on the plain-torch backend, numba present."""
+    if isinstance(seed, Tensor) or isinstance(step, Tensor) or not params or torch.compiler.is_compiling():
+        return False
+    if not all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+        return False
+    return _backend.backend_for(params[0]) == "torch" and _ncpu.available()
+
+
+def _step_eager_cpu(params, state, kind, has_momentum, *, noise_std, normaliser, seed, step, rank, optimizer, lr,
+                    momentum, nesterov, weight_decay, betas, eps, write_grad):
+    """The step over the whole list in one dpprims.noise_cpu.noisy_update_many call, with the
+    per-step scalars computed once in Python: the fp32 hyper values as make_hyper's tensor holds
+    them (float(np.float32(v))), the seed words and step as the ops read them, Adam's scalars
+    from those as ``_adam_scalars_f64``; so the same arguments as the per-parameter op path,
+    the same bits. None (nothing done) where some parameter is not contiguous or its grad
+    differs in shape/layout: then the op path runs, with its checks and errors."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if not p.is_contiguous() or (g is not None and (g.shape != p.shape or g.dtype != torch.float32
+                                                        or g.device != p.device or not g.is_contiguous())):
+            return None
+        grads.append(g)
+    _nz.check_step(step)
+    with torch.no_grad():
+        if kind != _ku.SGD and "exp_avg" not in state:
+            state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            state["exp_avg_sq"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        if has_momentum and "momentum_buffer" not in state:
+            state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+    hyper = [float(np.float32(v)) for v in _ku.hyper_values(
+        std=noise_std, normaliser=normaliser, lr=lr, momentum=momentum, betas=betas, eps=eps,
+        weight_decay=weight_decay, optimizer=optimizer)]
+    adam = None
+    if kind != _ku.SGD:
+        t = int(step)
+        lr64, wd64, omb1, omb2 = (hyper[i] for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
+        bc1 = 1.0 - _ku.pow_f64_host(1.0 - omb1, t)
+        bc2 = 1.0 - _ku.pow_f64_host(1.0 - omb2, t)
+        adam = (np.float32(lr64 / bc1), np.float32(math.sqrt(bc2)), np.float32(1.0 - lr64 * wd64))
+    k0, k1 = (w & 0xFFFFFFFF for w in _nz.seed_words(seed))
+    threads = _cpu_threads()
+    segments, out = [], []
+    s1s = state.get("momentum_buffer") if kind == _ku.SGD else state["exp_avg"]
+    s2s = None if kind == _ku.SGD else state["exp_avg_sq"]
+    for i, (p, g, off) in enumerate(zip(params, grads, state["pair_offsets"])):
+        n = p.numel()
+        go = torch.empty_like(p) if write_grad else None
+        out.append(go if write_grad else p.new_empty(0))
+        if n == 0:
+            continue
+        if g is None:  # no clipped sum reached it: zero, and it still gets noise and a step
+            g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        s1 = s1s[i] if (kind != _ku.SGD or has_momentum) else None
+        s2 = s2s[i] if s2s is not None else None
+        segments.append((p.detach().numpy(), g.detach().numpy(), None if s1 is None else s1.numpy(),
+                         None if s2 is None else s2.numpy(), None if go is None else go.numpy(), off,
+                         1 if n < THREADED_MIN else threads))
+    record("noisy_update", params[0])
+    _ncpu.noisy_update_many({_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], segments, hyper=hyper,
+                            adam_scalars=adam, nesterov=bool(nesterov), k0=k0, k1=k1, step=int(step) & 0xFFFFFFFF,
+                            stream_word=_nz.stream_word(int(rank)))
+    return out
+
+
 def make_hyper(*, noise_std: float, normaliser: float, optimizer: str = "sgd", lr: float = 0.0,
                momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                device=None) -> Tensor:
@@ -247,6 +314,13 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                              "must never be reused")
     kind = _ku.OPTIMIZERS[optimizer]
     has_momentum = optimizer == "sgd" and momentum != 0
+    if _eager_cpu(params, seed, step):
+        out = _step_eager_cpu(params, state, kind, has_momentum, noise_std=noise_std, normaliser=normaliser, seed=seed,
+                              step=step, rank=rank, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, betas=betas, eps=eps, write_grad=bool(return_noisy_grads))
+        if out is not None:
+            state["last_step"] = int(step)
+            return out if return_noisy_grads else None
     with torch.no_grad():
         if kind != _ku.SGD and "exp_avg" not in state:
             state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]

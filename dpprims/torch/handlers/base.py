@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpprims.bindings.torch import _backend
+
 
 @dataclass
 class Capture:
@@ -87,6 +89,11 @@ class LayerHandler:
     def uninstall(self) -> None:
         if "forward" in self.module.__dict__:
             del self.module.__dict__["forward"]
+
+    def backend(self, t) -> str:
+        """bindings.torch._backend.backend_for(t) of this step's captures, picked once per step
+        (it reads TRITON_INTERPRET from the environment: ~3 us a call on the CPU path)."""
+        return self.state.memo("backend", lambda: _backend.backend_for(t))
 
     def trainable(self) -> list:
         return [p for p in self.module.parameters(recurse=False) if p.requires_grad]

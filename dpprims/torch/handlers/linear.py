@@ -84,7 +84,7 @@ class LinearHandler(LayerHandler):
 
     def _rank1_rows_now(self):
         A, G = self._pairs()
-        if A.shape[1] != 1 or _backend.backend_for(A) != "torch":
+        if A.shape[1] != 1 or self.backend(A) != "torch":
             return None
         return A[:, 0].float(), G[:, 0].float()
 
@@ -109,13 +109,13 @@ class LinearHandler(LayerHandler):
         b = m.bias is not None and m.bias.requires_grad
         g2 = sq_rows(g)  # ||g_i||^2; a NaN / inf row gives a non-finite norm (then c_i = 0)
         if w:
-            _backend.record("linear_weight_sq_norms[outer]", A)
+            _backend.record("linear_weight_sq_norms[outer]", A, self.backend(A))
             # weight ||g_i||^2 ||a_i||^2 plus bias ||g_i||^2 in one product
             total = g2 * (sq_rows(a) + 1.0) if b else g2 * sq_rows(a)
         else:
             total = g2
         if b:
-            _backend.record("linear_bias_sq_norms", A)
+            _backend.record("linear_bias_sq_norms", A, self.backend(A))
         if total.shape[0] != B:
             raise RuntimeError(f"layer {self.name!r}: {total.shape[0]} examples, expected {B}")
         self.state.step_cache["design"] = "rank1"
@@ -131,7 +131,7 @@ class LinearHandler(LayerHandler):
         P = G.shape[2]
         m = self.module
         requested = self.engine.norm_method_for(self.name)
-        plain = _backend.backend_for(A) == "torch"
+        plain = self.backend(A) == "torch"
         if plain:  # plain-torch path: its own time model (cpu_cost.py)
             method = choose_cpu_method(Bc, T, D, P, conv=False, method=requested)
         else:  # Triton kernels: the flop model; "instantiate" runs the direct kernel there
@@ -141,12 +141,12 @@ class LinearHandler(LayerHandler):
             total = total + sq_rows(self._per_example().flatten(1))
         elif m.weight.requires_grad and plain:
             # the ops' own plain-torch code, called directly (no custom-op dispatch per call)
-            _backend.record(f"linear_weight_sq_norms[{method}]", A)
+            _backend.record(f"linear_weight_sq_norms[{method}]", A, self.backend(A))
             total = total + ops._torch_weight_sq_norms(A, G, method)
         elif m.weight.requires_grad:
             total = total + ops.linear_weight_sq_norms(A, G, method, self.engine.precision)
         if m.bias is not None and m.bias.requires_grad and plain:
-            _backend.record("linear_bias_sq_norms", A)
+            _backend.record("linear_bias_sq_norms", A, self.backend(A))
             total = total + sq_rows(G.float().sum(1))
         elif m.bias is not None and m.bias.requires_grad:
             total = total + ops.linear_bias_sq_norms(G)
@@ -201,7 +201,7 @@ class LinearHandler(LayerHandler):
         gs3 = G.float() * c.view(-1, 1, 1)  # [B', T, p] scaled output-gradient rows
         gs = gs3.reshape(-1, P)
         if m.weight.requires_grad:
-            _backend.record("linear_clipped_weight_grad", A)
+            _backend.record("linear_clipped_weight_grad", A, self.backend(A))
             p = m.weight
             a = A.float().reshape(-1, D)
             if p.grad is None or p.grad.dtype != torch.float32 or not p.grad.is_contiguous():
@@ -209,7 +209,7 @@ class LinearHandler(LayerHandler):
             else:
                 p.grad.addmm_(gs.t(), a)
         if m.bias is not None and m.bias.requires_grad:
-            _backend.record("linear_clipped_bias_grad", A)
+            _backend.record("linear_clipped_bias_grad", A, self.backend(A))
             # per example over its positions, then over the examples (the summation order of
             # the per-example definition: a bias whose exact gradient cancels, like attention's
             # key bias, keeps its small error); with one position the first sum is the identity
@@ -225,7 +225,7 @@ class LinearHandler(LayerHandler):
         A, G = self._pairs()
         m = self.module
         if ("per_example" not in self.state.step_cache and self.state.step_cache.get("design") == "segments"
-                and _backend.backend_for(A) == "torch"):
+                and self.backend(A) == "torch"):
             return self._accumulate_plain(c, A, G)
         if m.weight.requires_grad and "per_example" in self.state.step_cache:
             add_grad(m.weight, clipped_sum_of_rows(self._per_example(), c))
