@@ -100,6 +100,47 @@ def test_parallel_noisy_update_equals_serial(kind, nesterov, momentum, write, n,
         _assert_same(b, a, f"noisy_update[{kind}]")
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_noisy_update_many_equals_one_call_per_segment(kind):
+    """noisy_update_many over a parameter list (odd sizes, serial segments drawn as one stream of
+    contiguous pair ranges, a threaded segment between them, a gap in the pair offsets, a chunk
+    boundary inside a run) == each segment's own gaussian_noise draw fed to the update kernel,
+    bit for bit (noisy_update itself is noisy_update_many of one segment)."""
+    sizes = [7, 2 * CH + 5, 4 * MP + 3, 1, 2 * CH - 3, 11]
+    offsets, _ = nz.pair_offsets(sizes)
+    offsets = [o + (1000 if i >= 4 else 0) for i, o in enumerate(offsets)]  # a gap before segment 4
+    threads = [1, 1, 2, 1, 1, 1]
+    rng = np.random.default_rng(11)
+    base = [[rng.standard_normal(n).astype(np.float32) for _ in range(4)] for n in sizes]
+    for b in base:
+        b[3] = np.abs(b[3])
+    hyper = [0.7, 9.0, 0.1, 0.9, 0.999, 1e-8, 0.01, 0.1, 0.001]
+    adam = None if kind == "sgd" else (np.float32(0.5), np.float32(0.03), np.float32(0.999))
+    kw = dict(hyper=hyper, adam_scalars=adam, nesterov=False, k0=K0, k1=K1, step=5, stream_word=nz.stream_word(2))
+    res = []
+    for many in (False, True):
+        segs = []
+        for b, off, t in zip(base, offsets, threads):
+            p, g, s1, s2 = (a.copy() for a in b)
+            segs.append((p, g, s1, s2 if kind != "sgd" else None, np.full(p.size, np.nan, np.float32), off, t))
+        if many:
+            ncpu.noisy_update_many(kind, segs, **kw)
+        else:  # the reference: each segment's own draw (gaussian_noise), then the update kernel on it
+            f = ncpu._compiled()
+            h = [np.float32(x) for x in hyper]
+            std, norm, lr, b1, b2, eps, wd, omb1, omb2 = h
+            for p, g, s1, s2, go, off, _ in segs:
+                z = ncpu.gaussian_noise(p.size, K0, K1, 5, nz.stream_word(2), off, threads=1)
+                if kind == "sgd":
+                    f["sgd_update"](z, g, p, s1, go, std, norm, lr, b1, wd, True, False, True)
+                else:
+                    f["adam_update"](z, g, p, s1, s2, go, std, norm, omb1, b2, omb2, eps, wd, *adam, False, True)
+        res.append([a for seg in segs for a in seg[:5] if a is not None])
+    for a, b in zip(*res):
+        _assert_same(b, a, f"noisy_update_many[{kind}]")
+        assert np.isfinite(b).all()
+
+
 def test_parallel_extension_path_equals_serial(monkeypatch):
     """The w0 == w1 == 0 fix-up (forced for every 4th pair by the test hook) inside each part."""
     monkeypatch.setattr(ncpu, "_FORCE_EXTENSION", (3, 0))
