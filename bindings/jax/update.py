@@ -294,11 +294,12 @@ def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, 
         s1o = [next(so) if h1 else None for h1 in have1]
         s2o = [next(so) if h2 else None for h2 in have2]
         go = out[L + n1 + n2:] if write_grad else [None] * L
-        for i in range(L):
-            # the aliased outputs hold the parameter / state values on entry; updated in place
-            arrs = [None if b is None else np.asarray(b) for b in (po[i], gs[i], s1o[i], s2o[i], go[i])]
-            _ncpu.noisy_update(name, *arrs, hyper=h, adam_scalars=adam, nesterov=nesterov, k0=k0, k1=k1,
-                               step=t & _M32, stream_word=stream, pair_offset=offsets[i])
+        # the aliased outputs hold the parameter / state values on entry; updated in place, all
+        # leaves in one noisy_update_many call (contiguous small leaves share noise chunks)
+        segs = [tuple(None if b is None else np.asarray(b) for b in (po[i], gs[i], s1o[i], s2o[i], go[i]))
+                + (offsets[i], None) for i in range(L)]
+        _ncpu.noisy_update_many(name, segs, hyper=h, adam_scalars=adam, nesterov=nesterov, k0=k0, k1=k1,
+                                step=t & _M32, stream_word=stream)
 
     res = _buffer_callback(host, outs, input_output_aliases=aliases, vmap_method="sequential")(*ins)
     new_p, rest = list(res[:L]), iter(res[L:L + n1 + n2])
