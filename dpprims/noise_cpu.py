@@ -51,12 +51,19 @@ from dpprims import noise as _nz
 log = logging.getLogger("dpprims")
 
 __all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "noisy_update_many", "normal_pairs_from_words", "philox_words",
-           "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "get_num_threads", "set_num_threads"]
+           "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "THREADED_MIN", "get_num_threads", "set_num_threads"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
 # a thread gets at least this many pairs (~40-80 us of work on the project's CPUs): below it the
 # hand-off to the pool (~10-30 us) would eat the gain, so small parameters (biases) stay serial
 MIN_PAIRS_PER_THREAD = 1 << 13
+# Framework bindings draw below this many elements on the calling thread (threads=1): inside a
+# training step the framework's own workers (torch's intra-op OpenMP threads, still spinning after
+# the step's GEMMs; XLA's CPU threads running the clipping pass the noise callback overlaps) hold
+# both cores, and a noise pool thread competing with them cost more than it saved (default MLP,
+# 203k parameters, 2-core machine: torch DP step 3.1 -> 2.45 ms, JAX 3.1-4.1 -> 2.6-3.4 ms with one
+# thread); a draw of millions of elements gains from the split (11M: bench/noise_cpu.py).
+THREADED_MIN = 1 << 21
 
 _M32 = 0xFFFFFFFF
 _PHILOX_A, _PHILOX_B = 0xD2511F53, 0xCD9E8D57  # round multipliers (Triton's philox_impl)

@@ -313,6 +313,13 @@ BUFFER_NOISE = os.environ.get("DPPRIMS_JAX_BUFFER_NOISE", "1").strip() != "0"
 array that ``pure_callback`` copies (``DPPRIMS_JAX_BUFFER_NOISE=0``: pure_callback). Same numbers."""
 
 
+def _threads(n: int):
+    """Threads of a host draw of n elements: 1 below dpprims.noise_cpu.THREADED_MIN (the callback
+    overlaps XLA's clipping pass, whose threads hold the cores), else noise_cpu's default. The
+    numbers never depend on it."""
+    return 1 if n < _ncpu.THREADED_MIN else None
+
+
 def _noise_z_host(seed, step, words, n: int):
     """_noise_z through ``dpprims.noise_cpu`` (numba Philox + numpy's float32 libm, as the torch plain
     path): one ``pure_callback``, bit for bit the interpreter's kernel."""
@@ -321,7 +328,7 @@ def _noise_z_host(seed, step, words, n: int):
         k0, k1 = (int(w) & _M32 for w in np.asarray(seed).reshape(-1)[:2])
         st = int(np.asarray(step).reshape(-1)[0]) & _M32
         w = [int(x) for x in np.asarray(words).reshape(-1)[:3]]
-        return _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32))
+        return _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32), threads=_threads(n))
 
     if _buffer_callback is None or not BUFFER_NOISE:  # pragma: no cover - older JAX
         return jax.pure_callback(host, jax.ShapeDtypeStruct((n,), _F32), seed, step, words, vmap_method="sequential")
@@ -332,7 +339,8 @@ def _noise_z_host(seed, step, words, n: int):
         k0, k1 = (int(w) & _M32 for w in np.asarray(seed).reshape(-1)[:2])
         st = int(np.asarray(step).reshape(-1)[0]) & _M32
         w = [int(x) for x in np.asarray(words).reshape(-1)[:3]]
-        _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32), out=np.asarray(out))
+        _ncpu.gaussian_noise(n, k0, k1, st, w[2], w[0] | (w[1] << 32), out=np.asarray(out),
+                             threads=_threads(n))
 
     return _buffer_callback(host_into, jax.ShapeDtypeStruct((n,), _F32), vmap_method="sequential")(seed, step, words)
 

@@ -297,7 +297,7 @@ def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, 
         # the aliased outputs hold the parameter / state values on entry; updated in place, all
         # leaves in one noisy_update_many call (contiguous small leaves share noise chunks)
         segs = [tuple(None if b is None else np.asarray(b) for b in (po[i], gs[i], s1o[i], s2o[i], go[i]))
-                + (offsets[i], None) for i in range(L)]
+                + (offsets[i], 1 if np.asarray(po[i]).size < _ncpu.THREADED_MIN else None) for i in range(L)]
         _ncpu.noisy_update_many(name, segs, hyper=h, adam_scalars=adam, nesterov=nesterov, k0=k0, k1=k1,
                                 step=t & _M32, stream_word=stream)
 

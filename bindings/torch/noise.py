@@ -120,12 +120,8 @@ def _ufunc(f, t: Tensor) -> Tensor:
     return getattr(torch, f.__name__)(t)
 
 
-# Draws below this many elements stay on the calling thread: inside a training step torch's
-# intra-op workers are still spinning after the step's GEMMs, and a noise pool thread competing
-# with them cost more than it saved (default MLP, 203k parameters, quiet 2-core machine: DP step
-# 3.1 ms with 2 noise threads, 2.45 ms with 1); a draw of millions of elements gains from the
-# split (11M: 0.47x torch.randn per element, bench/noise_cpu.py).
-THREADED_MIN = 1 << 21
+# Draws below this many elements stay on the calling thread (see dpprims.noise_cpu.THREADED_MIN).
+THREADED_MIN = _ncpu.THREADED_MIN
 
 
 def _cpu_threads(n: int | None = None) -> int:
