@@ -1053,9 +1053,11 @@ def main(argv=None) -> int:
                     elapsed = time.perf_counter() - t_run
                     if args.time_budget is not None and elapsed > args.time_budget:
                         row = {k: spec[k] for k in ("config", "precision", "method", "batch", "model", "image")}
-                        row.update(status="skipped", reason=f"time budget {args.time_budget:.0f} s spent before it started")
+                        row.update(status="skipped",
+                                   reason=f"time budget {args.time_budget:.0f} s spent before it started")
                     else:
-                        left = timeout if args.time_budget is None else max(30.0, min(timeout, args.time_budget - elapsed + 30))
+                        left = (timeout if args.time_budget is None
+                                else max(30.0, min(timeout, args.time_budget - elapsed + 30)))
                         row = _run_isolated(spec, isolation, left)
                     group.append(row)
                     eps = row.get("examples_per_s")

@@ -33,7 +33,9 @@ run in parallel without numba's threading layer (no TBB / OpenMP needed: a plain
 works, and the on-disk cache of the serial functions is unchanged). The thread count is the
 ``threads`` argument of each function, else :func:`get_num_threads`: ``DPPRIMS_NOISE_THREADS`` if
 set, else the CPUs this process may run on (:func:`set_num_threads` overrides both). The torch
-binding passes ``min(torch.get_num_threads(), get_num_threads())``.
+binding passes ``min(torch.get_num_threads(), get_num_threads())``; both bindings draw fewer than
+``THREADED_MIN`` elements on the calling thread (inside a training step the framework's threads hold
+the cores).
 
 Without numba, :func:`available` is False and callers use their own framework path (the same numbers,
 about 30-50x slower): nothing here is required for correctness.
@@ -50,8 +52,9 @@ from dpprims import noise as _nz
 
 log = logging.getLogger("dpprims")
 
-__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "noisy_update_many", "normal_pairs_from_words", "philox_words",
-           "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "THREADED_MIN", "get_num_threads", "set_num_threads"]
+__all__ = ["available", "gaussian_noise", "scaled_noise", "noisy_update", "noisy_update_many",
+           "normal_pairs_from_words", "philox_words", "CHUNK_PAIRS", "MIN_PAIRS_PER_THREAD", "THREADED_MIN",
+           "get_num_threads", "set_num_threads"]
 
 CHUNK_PAIRS = 1 << 14  # pairs per chunk: 6 fp32 scratch arrays of 64 KiB, in L2 on every current CPU
 # a thread gets at least this many pairs (~40-80 us of work on the project's CPUs): below it the
@@ -376,14 +379,16 @@ def noisy_update_many(kind: str, segments, *, hyper, adam_scalars, nesterov: boo
                                  f"{a.dtype}[{a.size}]")
         if kind != "sgd" and (s1 is None or s2 is None):
             raise ValueError(f"{kind} needs exp_avg and exp_avg_sq")
-        checked.append((n, pair_offset, threads, *(None if a is None else a.reshape(-1) for a in (param, grad, s1, s2, go))))
+        flat = (None if a is None else a.reshape(-1) for a in (param, grad, s1, s2, go))
+        checked.append((n, pair_offset, threads, *flat))
     def update(z, seg, lo, hi):  # elements [lo, hi) of one segment, z their noise
         n, pair_offset, threads, p, g, s1, s2, go = seg
         sl = slice(lo, hi)
         gout = go[sl] if go is not None else dummy
         if kind == "sgd":
             has_buf = s1 is not None
-            upd(z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd, has_buf, nest, go is not None)
+            upd(z, g[sl], p[sl], s1[sl] if has_buf else dummy, gout, std, norm, lr, b1, wd, has_buf, nest,
+                go is not None)
         else:
             upd(z, g[sl], p[sl], s1[sl], s2[sl], gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
                 decay, decoupled, go is not None)
