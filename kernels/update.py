@@ -33,6 +33,7 @@ SGD = 0
 ADAM = 1
 ADAMW = 2
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW}
+OPTIMIZER_NAMES = {k: name for name, k in OPTIMIZERS.items()}  # kind -> "sgd" | "adam" | "adamw"
 
 H_STD, H_NORMALISER, H_LR, H_BETA1, H_BETA2, H_EPS, H_WEIGHT_DECAY, H_OMB1, H_OMB2 = range(9)
 N_HYPER = 9
@@ -45,6 +46,23 @@ def hyper_values(*, std: float, normaliser: float, lr: float = 0.0, momentum: fl
     b1, b2 = (float(momentum), 0.0) if optimizer == "sgd" else (float(betas[0]), float(betas[1]))
     return [float(std), float(normaliser), float(lr), b1, b2, float(eps), float(weight_decay),
             1.0 - b1, 1.0 - b2]
+
+
+def adam_scalars_host(t: int, hyper) -> tuple:
+    """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32 from the step t and the fp32 hyper values
+    (a sequence of floats, layout above), computed in fp64 as the kernel does: the Adam scalars
+    of the bindings' CPU paths (torch fused numba update, JAX host update), bit for bit the
+    kernel's with or without x64. numpy doubles: a step <= 0 (outside the documented contract,
+    e.g. traced) gives inf / NaN as the kernel does, not a Python exception."""
+    import numpy as np
+
+    f64 = np.float64
+    lr, wd, omb1, omb2 = (f64(hyper[i]) for i in (H_LR, H_WEIGHT_DECAY, H_OMB1, H_OMB2))
+    t = int(t)  # Python's >> and & on a negative int act on two's complement, as the kernel's int32
+    with np.errstate(all="ignore"):
+        bc1 = f64(1.0) - f64(pow_f64_host(float(f64(1.0) - omb1), t))
+        bc2 = f64(1.0) - f64(pow_f64_host(float(f64(1.0) - omb2), t))
+        return np.float32(lr / bc1), np.float32(np.sqrt(bc2)), np.float32(f64(1.0) - lr * wd)
 
 
 def pow_f64_host(base: float, t: int) -> float:

@@ -235,17 +235,7 @@ def _host_ok(params, grads, s1s, s2s) -> bool:
         a is None or jnp.result_type(a) == jnp.float32 for lst in (params, grads, s1s, s2s) for a in lst)
 
 
-def _adam_scalars_host(t: int, h) -> tuple:
-    """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as the kernel does (so the host
-    update is the kernel's bit for bit with or without x64). numpy doubles: a traced step <= 0 (outside
-    the documented contract) gives inf / NaN as the kernel does, not a Python exception."""
-    f64 = np.float64
-    lr, wd, omb1, omb2 = (f64(h[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
-    t = int(t)  # Python's >> and & on a negative int act on two's complement, as the kernel's int32
-    with np.errstate(all="ignore"):
-        bc1 = f64(1.0) - f64(_ku.pow_f64_host(float(f64(1.0) - omb1), t))
-        bc2 = f64(1.0) - f64(_ku.pow_f64_host(float(f64(1.0) - omb2), t))
-        return np.float32(lr / bc1), np.float32(np.sqrt(bc2)), np.float32(f64(1.0) - lr * wd)
+_adam_scalars_host = _ku.adam_scalars_host  # (t, fp32 hyper values) -> the kernel's Adam scalars
 
 
 def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, kind: int, rank: int,
@@ -269,7 +259,7 @@ def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, 
     in its order. Adam's bias corrections are computed in fp64 on the host as in the kernel (with or
     without x64). noise_std, normaliser and lr stay runtime values (the hyper array)."""
     L = len(params)
-    name = {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind]
+    name = _ku.OPTIMIZER_NAMES[kind]
     stream = _nz.stream_word(rank)
     have1 = [s is not None for s in s1s]
     have2 = [s is not None for s in s2s]
@@ -297,7 +287,7 @@ def _update_host(params, grads, s1s, s2s, seed, step, hyper, *, offsets: tuple, 
         # the aliased outputs hold the parameter / state values on entry; updated in place, all
         # leaves in one noisy_update_many call (contiguous small leaves share noise chunks)
         segs = [tuple(None if b is None else np.asarray(b) for b in (po[i], gs[i], s1o[i], s2o[i], go[i]))
-                + (offsets[i], 1 if np.asarray(po[i]).size < _ncpu.THREADED_MIN else None) for i in range(L)]
+                + (offsets[i], _jn._threads(np.asarray(po[i]).size)) for i in range(L)]
         _ncpu.noisy_update_many(name, segs, hyper=h, adam_scalars=adam, nesterov=nesterov, k0=k0, k1=k1,
                                 step=t & _M32, stream_word=stream)
 
@@ -372,7 +362,7 @@ def _update_flat(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, r
 def _kernel_leaf(path, param, grad, s1, s2, pair_offset, seed, step, hyper, *, kind, rank, nesterov, write_grad):
     """One launch of ``_noisy_update_kernel`` (jax-triton or interpreter) on flat arrays."""
     n = param.shape[0]
-    name = {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind]
+    name = _ku.OPTIMIZER_NAMES[kind]
     spec = _ku.noisy_update_spec(n, name, nesterov=nesterov, has_state1=s1 is not None, write_grad=write_grad)
     dummy = jnp.zeros((1,), _F32)  # HAS_STATE1 / OPTIMIZER / WRITE_GRAD off: never read or written
 

@@ -41,11 +41,7 @@ __all__ = ["add_noise_and_step", "make_hyper"]
 # ----------------------------------------------------------------------------- plain torch
 def _adam_scalars_f64(step: Tensor, hyper: Tensor) -> tuple:
     """(lr / bc1, sqrt(bc2), 1 - lr wd) as float32, computed in fp64 as kernels/update.py does."""
-    t = int(step.reshape(-1)[0].item())
-    lr64, wd64, omb1, omb2 = (float(hyper[i]) for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
-    bc1 = 1.0 - _ku.pow_f64_host(1.0 - omb1, t)
-    bc2 = 1.0 - _ku.pow_f64_host(1.0 - omb2, t)
-    return np.float32(lr64 / bc1), np.float32(math.sqrt(bc2)), np.float32(1.0 - lr64 * wd64)
+    return _ku.adam_scalars_host(int(step.reshape(-1)[0].item()), hyper.tolist())
 
 
 def _fused_cpu_ok(*ts) -> bool:
@@ -62,7 +58,7 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
         # one pass per chunk: noise (dpprims.noise_cpu) + the kernel's update arithmetic, in place
         k0, k1 = _seed_ints(seed)
         _ncpu.noisy_update(
-            {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], *(
+            _ku.OPTIMIZER_NAMES[kind], *(
                 None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
             hyper=hyper.tolist()[:_ku.N_HYPER], adam_scalars=None if kind == _ku.SGD else _adam_scalars_f64(step, hyper),
             nesterov=nesterov, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & 0xFFFFFFFF,
@@ -116,7 +112,7 @@ def _cpu_segment(param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad
     if not param.is_contiguous() or not _fused_cpu_ok(param, s1, s2, grad):
         return None
     _nz.check_pair_range(pair_offset, n)
-    record("noisy_update", param)
+    record("noisy_update", param, "torch")  # its callers run on the plain-torch backend only
     grad_out = torch.empty_like(grad) if write_grad else None
     seg = tuple(None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out))
     return seg + (pair_offset, 1 if n < THREADED_MIN else threads), (grad_out if write_grad else grad.new_empty(0))
@@ -144,7 +140,7 @@ def _launch_update(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[
         _update_torch(kind, param, s1, s2, grad, seed, step, hyper, pair_offset, rank, nesterov,
                       grad_out if write_grad else None)
         return grad_out
-    name = {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind]
+    name = _ku.OPTIMIZER_NAMES[kind]
     spec = _ku.noisy_update_spec(n, name, nesterov=nesterov, has_state1=s1 is not None, write_grad=write_grad)
     d1 = s1 if s1 is not None else param  # dummies: never read or written (HAS_STATE1 / OPTIMIZER)
     d2 = s2 if s2 is not None else param
@@ -182,6 +178,17 @@ def _(param, exp_avg, exp_avg_sq, grad, seed, step, hyper, pair_offset, rank, de
 
 
 # ----------------------------------------------------------------------------- user API
+def _init_opt_buffers(state: dict, params, kind: int, has_momentum: bool) -> None:
+    """The optimizer buffers of ``state`` at the first step, zero-initialised like torch.optim:
+    exp_avg / exp_avg_sq (Adam, AdamW), momentum_buffer (SGD with momentum)."""
+    with torch.no_grad():
+        if kind != _ku.SGD and "exp_avg" not in state:
+            state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            state["exp_avg_sq"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        if has_momentum and "momentum_buffer" not in state:
+            state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+
+
 def _eager_cpu(params, seed, step) -> bool:
     """add_noise_and_step's whole-list CPU path applies: integer seed and step, eager (not traced),
     every parameter an fp32 CPU tensor on the plain-torch backend, numba present."""
@@ -197,53 +204,35 @@ def _step_eager_cpu(params, state, kind, has_momentum, *, noise_std, normaliser,
     """The step over the whole list in one dpprims.noise_cpu.noisy_update_many call, with the
     per-step scalars computed once in Python: the fp32 hyper values as make_hyper's tensor holds
     them (float(np.float32(v))), the seed words and step as the ops read them, Adam's scalars
-    from those as ``_adam_scalars_f64``; so the same arguments as the per-parameter op path,
-    the same bits. None (nothing done) where some parameter is not contiguous or its grad
-    differs in shape/layout: then the op path runs, with its checks and errors."""
-    grads = []
-    for p in params:
-        g = p.grad
-        if not p.is_contiguous() or (g is not None and (g.shape != p.shape or g.dtype != torch.float32
-                                                        or g.device != p.device or not g.is_contiguous())):
-            return None
-        grads.append(g)
+    from those by kernels.update.adam_scalars_host; so the same arguments as the per-parameter op path,
+    the same bits (each parameter's segment from ``_cpu_segment``). None (nothing done) where
+    some parameter, grad or buffer is not one the fused path takes (not contiguous, another
+    shape or dtype): then the op path runs, with its checks and errors. The optimizer buffers
+    exist already (``_init_opt_buffers``)."""
     _nz.check_step(step)
-    with torch.no_grad():
-        if kind != _ku.SGD and "exp_avg" not in state:
-            state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-            state["exp_avg_sq"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-        if has_momentum and "momentum_buffer" not in state:
-            state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
     hyper = [float(np.float32(v)) for v in _ku.hyper_values(
         std=noise_std, normaliser=normaliser, lr=lr, momentum=momentum, betas=betas, eps=eps,
         weight_decay=weight_decay, optimizer=optimizer)]
-    adam = None
-    if kind != _ku.SGD:
-        t = int(step)
-        lr64, wd64, omb1, omb2 = (hyper[i] for i in (_ku.H_LR, _ku.H_WEIGHT_DECAY, _ku.H_OMB1, _ku.H_OMB2))
-        bc1 = 1.0 - _ku.pow_f64_host(1.0 - omb1, t)
-        bc2 = 1.0 - _ku.pow_f64_host(1.0 - omb2, t)
-        adam = (np.float32(lr64 / bc1), np.float32(math.sqrt(bc2)), np.float32(1.0 - lr64 * wd64))
+    adam = None if kind == _ku.SGD else _ku.adam_scalars_host(int(step), hyper)
     k0, k1 = (w & 0xFFFFFFFF for w in _nz.seed_words(seed))
     threads = _cpu_threads()
     segments, out = [], []
     s1s = state.get("momentum_buffer") if kind == _ku.SGD else state["exp_avg"]
     s2s = None if kind == _ku.SGD else state["exp_avg_sq"]
-    for i, (p, g, off) in enumerate(zip(params, grads, state["pair_offsets"])):
-        n = p.numel()
-        go = torch.empty_like(p) if write_grad else None
-        out.append(go if write_grad else p.new_empty(0))
-        if n == 0:
+    for i, (p, off) in enumerate(zip(params, state["pair_offsets"])):
+        if p.numel() == 0:
+            out.append(torch.empty_like(p) if write_grad else p.new_empty(0))
             continue
-        if g is None:  # no clipped sum reached it: zero, and it still gets noise and a step
-            g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        # no clipped sum reached it (grad None): zero, and it still gets noise and a step
+        g = p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
         s1 = s1s[i] if (kind != _ku.SGD or has_momentum) else None
         s2 = s2s[i] if s2s is not None else None
-        segments.append((p.detach().numpy(), g.detach().numpy(), None if s1 is None else s1.numpy(),
-                         None if s2 is None else s2.numpy(), None if go is None else go.numpy(), off,
-                         1 if n < THREADED_MIN else threads))
-    record("noisy_update", params[0])
-    _ncpu.noisy_update_many({_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], segments, hyper=hyper,
+        got = _cpu_segment(p, s1, s2, g, threads, off, write_grad)
+        if got is None:  # a layout the fused path does not take: the op path, with its checks
+            return None
+        segments.append(got[0])
+        out.append(got[1])
+    _ncpu.noisy_update_many(_ku.OPTIMIZER_NAMES[kind], segments, hyper=hyper,
                             adam_scalars=adam, nesterov=bool(nesterov), k0=k0, k1=k1, step=int(step) & 0xFFFFFFFF,
                             stream_word=_nz.stream_word(int(rank)))
     return out
@@ -314,6 +303,7 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                              "must never be reused")
     kind = _ku.OPTIMIZERS[optimizer]
     has_momentum = optimizer == "sgd" and momentum != 0
+    _init_opt_buffers(state, params, kind, has_momentum)
     if _eager_cpu(params, seed, step):
         out = _step_eager_cpu(params, state, kind, has_momentum, noise_std=noise_std, normaliser=normaliser, seed=seed,
                               step=step, rank=rank, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
@@ -322,11 +312,6 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
             state["last_step"] = int(step)
             return out if return_noisy_grads else None
     with torch.no_grad():
-        if kind != _ku.SGD and "exp_avg" not in state:
-            state["exp_avg"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-            state["exp_avg_sq"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-        if has_momentum and "momentum_buffer" not in state:
-            state["momentum_buffer"] = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
         cache: dict = {}
         out = []
         compiling = torch.compiler.is_compiling()  # traced: the ops (their fakes) must be seen
@@ -364,7 +349,7 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
         for key, sc in cache.items():
             if isinstance(key, tuple) and key[0] == "direct" and sc["segments"]:
                 _ncpu.noisy_update_many(
-                    {_ku.SGD: "sgd", _ku.ADAM: "adam", _ku.ADAMW: "adamw"}[kind], sc["segments"], hyper=sc["hyper"],
+                    _ku.OPTIMIZER_NAMES[kind], sc["segments"], hyper=sc["hyper"],
                     adam_scalars=sc["adam"], nesterov=bool(nesterov), k0=sc["k0"], k1=sc["k1"], step=sc["step"],
                     stream_word=_nz.stream_word(int(rank)))
     if not isinstance(step, Tensor):

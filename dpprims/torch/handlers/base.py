@@ -96,13 +96,12 @@ class LayerHandler:
         return self.state.memo("backend", lambda: _backend.backend_for(t))
 
     def trainable(self) -> list:
-        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
-
-    def should_capture(self) -> bool:
         # the module's own parameters, read directly (module.parameters() builds a generator
         # chain per call: ~10 us a layer per forward on the CPU path)
-        return (torch.is_grad_enabled() and self.state.capturing
-                and any(p is not None and p.requires_grad for p in self.module._parameters.values()))
+        return [p for p in self.module._parameters.values() if p is not None and p.requires_grad]
+
+    def should_capture(self) -> bool:
+        return torch.is_grad_enabled() and self.state.capturing and bool(self.trainable())
 
     # -- per-type work -----------------------------------------------------------------------
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
