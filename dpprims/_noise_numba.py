@@ -156,7 +156,8 @@ def select_all(w, v, th, kl):
 
 @jit
 def sgd_update(z, grad, param, buf, gout, std, norm, lr, mu, wd, has_buf, nesterov, write_grad):
-    """kernels/update.py, OPTIMIZER == SGD, on one chunk (all fp32, in place)."""
+    """kernels/update.py, OPTIMIZER == SGD, on one chunk (all fp32, in place), z given: the
+    reference the tests hold :func:`sgd_update_pairs` (what noisy_update runs) to."""
     m = z.shape[0]
     if grad.shape[0] != m or param.shape[0] != m or (has_buf and buf.shape[0] != m) or \
             (write_grad and gout.shape[0] != m):
@@ -178,9 +179,135 @@ def sgd_update(z, grad, param, buf, gout, std, norm, lr, mu, wd, has_buf, nester
 
 
 @jit
+def rho_inplace(kl, logv, m):
+    """logv[j] <- rho of pair j (j < m): the first loop of :func:`finish`, for the fused updates
+    below, which read z = rho cos / rho sin straight from the chunk's pair arrays."""
+    _check_scratch(m, kl, logv, logv)
+    for j in range(m):
+        logv[j] = _rho(kl[j], logv[j])
+
+
+@inline
+def _check_pairs(m, rho, cos_t, sin_t, j0, grad, param, arrays_ok):
+    if m > param.shape[0] or m > grad.shape[0] or not arrays_ok or j0 < 0 or \
+            j0 + (m + 1) // 2 > min(rho.shape[0], cos_t.shape[0], sin_t.shape[0]):
+        raise ValueError("dpprims.noise_cpu: update chunk shapes differ")
+
+
+@inline
+def _sgd_one(z, gr, p, b, std, norm, lr, mu, wd, has_buf, nesterov):
+    # sgd_update's arithmetic for one element: (g, new param, new buffer)
+    g = (gr + std * z) / norm
+    d = g + wd * p
+    if has_buf:
+        b = b * mu + d
+        if nesterov:
+            d = d + mu * b
+        else:
+            d = b
+    return g, p - lr * d, b
+
+
+@inline
+def _sgd_pairs(rho, cos_t, sin_t, j0, grad, param, buf, gout, std, norm, lr, mu, wd, has_buf, nesterov, write_grad):
+    m = grad.shape[0]
+    _check_pairs(m, rho, cos_t, sin_t, j0, grad, param,
+                 (not has_buf or buf.shape[0] == m) and (not write_grad or gout.shape[0] == m))
+    rr, cc, ss = rho[j0:], cos_t[j0:], sin_t[j0:]
+    for k in range(m // 2):
+        r = rr[k]
+        for h in range(2):
+            i = 2 * k + h
+            z = r * cc[k] if h == 0 else r * ss[k]
+            g, p, b = _sgd_one(z, grad[i], param[i], buf[i] if has_buf else ZERO, std, norm, lr, mu, wd, has_buf,
+                               nesterov)
+            if write_grad:
+                gout[i] = g
+            if has_buf:
+                buf[i] = b
+            param[i] = p
+    if m % 2:  # an odd segment end: its last element is z0 of one more pair
+        i = m - 1
+        k = i // 2
+        g, p, b = _sgd_one(rr[k] * cc[k], grad[i], param[i], buf[i] if has_buf else ZERO, std, norm, lr, mu, wd,
+                           has_buf, nesterov)
+        if write_grad:
+            gout[i] = g
+        if has_buf:
+            buf[i] = b
+        param[i] = p
+
+
+@jit
+def sgd_update_pairs(rho, cos_t, sin_t, j0, grad, param, buf, gout, std, norm, lr, mu, wd, nesterov, write_grad):
+    """:func:`sgd_update` (with a momentum buffer) of m = grad.shape[0] elements whose noise is
+    element i -> z0 (i even) or z1 (i odd) of chunk pair j0 + i // 2, z = rho cos theta /
+    rho sin theta (rho from :func:`rho_inplace`): finish's multiply, the same fp32 numbers, without
+    writing z to memory and reading it back. Two functions (buffer / none) because a runtime
+    has_buf flag, like indexing the pair arrays at j0 + k instead of slicing them first, kept
+    LLVM from vectorising the loop (3-5x slower)."""
+    _sgd_pairs(rho, cos_t, sin_t, j0, grad, param, buf, gout, std, norm, lr, mu, wd, True, nesterov, write_grad)
+
+
+@jit
+def sgd_update_pairs_nobuf(rho, cos_t, sin_t, j0, grad, param, gout, std, norm, lr, wd, write_grad):
+    """:func:`sgd_update_pairs` without momentum."""
+    _sgd_pairs(rho, cos_t, sin_t, j0, grad, param, grad[:0], gout, std, norm, lr, ZERO, wd, False, False, write_grad)
+
+
+@inline
+def _adam_one(z, gr, p, mm, vv, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt, decay, decoupled):
+    # adam_update's arithmetic for one element: (g, new param, new exp_avg, new exp_avg_sq)
+    g = (gr + std * z) / norm
+    g_out = g
+    if decoupled:
+        p = p * decay
+    else:
+        g = g + wd * p
+    mm = mm + omb1 * (g - mm)
+    vv = vv * b2 + omb2 * g * g
+    denom = np.sqrt(vv) / bc2_sqrt + eps
+    return g_out, p - (step_size * mm) / denom, mm, vv
+
+
+@jit
+def adam_update_pairs(rho, cos_t, sin_t, j0, grad, param, exp_avg, exp_avg_sq, gout, std, norm, omb1, b2, omb2, eps,
+                      wd, step_size, bc2_sqrt, decay, decoupled, write_grad):
+    """:func:`adam_update` with the noise read from the chunk's pair arrays, as
+    :func:`sgd_update_pairs`."""
+    m = grad.shape[0]
+    _check_pairs(m, rho, cos_t, sin_t, j0, grad, param,
+                 exp_avg.shape[0] == m and exp_avg_sq.shape[0] == m and (not write_grad or gout.shape[0] == m))
+    rr, cc, ss = rho[j0:], cos_t[j0:], sin_t[j0:]
+    for k in range(m // 2):
+        r = rr[k]
+        for h in range(2):
+            i = 2 * k + h
+            z = r * cc[k] if h == 0 else r * ss[k]
+            g, p, mm, vv = _adam_one(z, grad[i], param[i], exp_avg[i], exp_avg_sq[i], std, norm, omb1, b2, omb2, eps,
+                                     wd, step_size, bc2_sqrt, decay, decoupled)
+            if write_grad:
+                gout[i] = g
+            exp_avg[i] = mm
+            exp_avg_sq[i] = vv
+            param[i] = p
+    if m % 2:  # an odd segment end: its last element is z0 of one more pair
+        i = m - 1
+        k = i // 2
+        g, p, mm, vv = _adam_one(rr[k] * cc[k], grad[i], param[i], exp_avg[i], exp_avg_sq[i], std, norm, omb1, b2,
+                                 omb2, eps, wd, step_size, bc2_sqrt, decay, decoupled)
+        if write_grad:
+            gout[i] = g
+        exp_avg[i] = mm
+        exp_avg_sq[i] = vv
+        param[i] = p
+
+
+@jit
 def adam_update(z, grad, param, exp_avg, exp_avg_sq, gout, std, norm, omb1, b2, omb2, eps, wd, step_size, bc2_sqrt,
                 decay, decoupled, write_grad):
-    """kernels/update.py, OPTIMIZER == ADAM / ADAMW (decoupled), on one chunk (all fp32, in place)."""
+    """kernels/update.py, OPTIMIZER == ADAM / ADAMW (decoupled), on one chunk (all fp32, in place), z
+    given: the reference of :func:`adam_update_pairs` in the tests."""
     m = z.shape[0]
     if grad.shape[0] != m or param.shape[0] != m or exp_avg.shape[0] != m or exp_avg_sq.shape[0] != m or \
             (write_grad and gout.shape[0] != m):
