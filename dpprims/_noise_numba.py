@@ -124,9 +124,10 @@ def finish(kl, logv, cos_t, sin_t, m, out, o0, n):
     for j in range(m):
         logv[j] = _rho(kl[j], logv[j])
     full = min(m, (n - o0) // 2)  # pairs whose both elements are kept: a branch-free loop
+    dst = out[o0:]  # sliced first: indexing out at o0 + 2j in the loop kept it from vectorising
     for j in range(full):
-        out[o0 + 2 * j] = logv[j] * cos_t[j]
-        out[o0 + 2 * j + 1] = logv[j] * sin_t[j]
+        for h in range(2):
+            dst[2 * j + h] = logv[j] * cos_t[j] if h == 0 else logv[j] * sin_t[j]
     for j in range(full, m):  # at most one pair: its z1 is dropped when n is odd
         e = o0 + 2 * j
         out[e] = logv[j] * cos_t[j]
