@@ -221,10 +221,12 @@ default: the XLA update (``_update_jnp``) draws the noise in a callback that dep
 callback must wait for the clipped sums. Measured in one process on the 2-core machine (each
 variant traced afresh, min of 500 steps, load ~3.6; process CPU time in brackets): MLP 784-256-10
 B=256 DP step 1.38 ms [2.31] with the XLA update (host noise into XLA's buffer) vs 1.79 ms [2.51]
-fused, non-private 0.83 ms; ResNet-18-CIFAR w64 B=32 (load ~6) [1721 vs 1795 ms CPU]. Read at
-trace time. The same
-numbers either way (x64 on; without x64 the XLA update's Adam bias corrections are fp32
-approximations, the fused one's fp64)."""
+fused, non-private 0.83 ms; ResNet-18-CIFAR w64 B=32 (load ~6) [1721 vs 1795 ms CPU]. Since the
+leaves reach the callback unflattened (no copies into and out of the aliased buffers) and the
+fused kernels no longer write z, the two are even on the MLP (median of 600 steps each, the
+variants alternating in one process: host 2.31 ms, XLA 2.33 ms, non-private 1.51 ms), so the
+default stays. Read at trace time. The same numbers either way (x64 on; without x64 the XLA
+update's Adam bias corrections are fp32 approximations, the fused one's fp64)."""
 
 
 def _host_ok(params, grads, s1s, s2s) -> bool:
@@ -324,10 +326,9 @@ def _update_leaves(params, grads, s1s, s2s, seed, step, hyper, *, kind: int, off
     if not live:
         return res
 
-    def flat(t):
-        return None if t is None else jnp.asarray(t).reshape(-1)
-
-    arrays = tuple([flat(lst[i]) for i in live] for lst in (params, grads, s1s, s2s))
+    # the leaves keep their shapes up to the path that needs them flat: reshaping them here made
+    # XLA copy every leaf into and out of the host update's in-place (aliased) buffers
+    arrays = tuple([None if lst[i] is None else jnp.asarray(lst[i]) for i in live] for lst in (params, grads, s1s, s2s))
     outs = nondifferentiable("noisy_update", _update_flat, seed, step, hyper, *arrays, kind=kind,
                              offsets=tuple(int(offsets[i]) for i in live), rank=int(rank), nesterov=bool(nesterov),
                              write_grad=bool(write_grad))
@@ -338,23 +339,36 @@ def _update_leaves(params, grads, s1s, s2s, seed, step, hyper, *, kind: int, off
     return res
 
 
+def _flat(t):
+    return None if t is None else t.reshape(-1)
+
+
+def _shaped(lists, shapes):
+    return tuple([None if o is None else o.reshape(sh) for o, sh in zip(lst, shapes)] for lst in lists)
+
+
 def _update_flat(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, rank, nesterov, write_grad):
+    """The update of non-empty leaves of any shapes (row-major; the host update takes them as they
+    are, the XLA update and the kernels flattened); returns lists with the leaves' shapes."""
+    shapes = [p.shape for p in params]
+
     def plain(seed, step, hyper, params, grads, s1s, s2s):
         libm = _jn._libm()
         if libm == "host" and _host_ok(params, grads, s1s, s2s):
             return _update_host(params, grads, s1s, s2s, seed, step, hyper, offsets=offsets, kind=kind, rank=rank,
                                 nesterov=nesterov, write_grad=write_grad)
-        return _update_jnp(params, grads, s1s, s2s, seed, step, hyper, _jn.noise_words(offsets[0], rank),
-                           offsets=offsets, kind=kind, nesterov=nesterov, write_grad=write_grad, libm=libm,
-                           x64=bool(jax.config.jax_enable_x64))
+        flat = [[_flat(t) for t in lst] for lst in (params, grads, s1s, s2s)]
+        return _shaped(_update_jnp(*flat, seed, step, hyper, _jn.noise_words(offsets[0], rank), offsets=offsets,
+                                   kind=kind, nesterov=nesterov, write_grad=write_grad, libm=libm,
+                                   x64=bool(jax.config.jax_enable_x64)), shapes)
 
     def kernel(path, seed, step, hyper, params, grads, s1s, s2s):
         out = ([], [], [], [])
         for leaf in zip(params, grads, s1s, s2s, offsets):
-            for lst, val in zip(out, _kernel_leaf(path, *leaf, seed, step, hyper, kind=kind, rank=rank,
-                                                  nesterov=nesterov, write_grad=write_grad)):
+            for lst, val in zip(out, _kernel_leaf(path, *(_flat(t) for t in leaf[:4]), leaf[4], seed, step, hyper,
+                                                  kind=kind, rank=rank, nesterov=nesterov, write_grad=write_grad)):
                 lst.append(val)
-        return out
+        return _shaped(out, shapes)
 
     return _call.dispatch("noisy_update", (seed, step, hyper, params, grads, s1s, s2s), plain, kernel)
 
