@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     t.add_argument("--framework", choices=("torch", "jax"), default=d["framework"])
     t.add_argument("--model", default=d["model"],
-                   help="mlp, cnn, transformer (torch), resnet18/34/50, resnet18-cifar/34-cifar/50-cifar (default: %(default)s)")
+                   help="mlp, cnn, transformer, resnet18/34/50, resnet18-cifar/34-cifar/50-cifar (default: %(default)s)")
     t.add_argument("--width", type=_POSITIVE_INT, default=None, help="base width of the ResNets (default 64)")
     t.add_argument("--data", default=d["data"],
                    help="default | mnist-subset | digits | cifar10:DIR | cifar100:DIR | folder:DIR | npz:FILE | "

@@ -90,6 +90,25 @@ def test_cli_end_to_end_jax(capsys):
     assert "jnp" in out["kernel_paths"]
 
 
+def test_cli_jax_transformer_is_the_torch_models_twin(capsys):
+    """--framework jax --model transformer trains the Flax twin of the torch CLI's transformer: the
+    same parameter count for the same data and --width, and a run that takes its steps."""
+    from dpprims.cli import main
+
+    data, plan = _setup(steps=2, n=40)
+    data = load_dataset("synthetic:1,8,8:3:40", seed=2)
+    jb = JaxBackend.from_name("transformer", data, plan, seed=0, lr=0.3, momentum=0.5, width=24)
+    tm = get_model("transformer", num_classes=3, in_channels=1, input_size=(8, 8), width=24)
+    n_jax = sum(int(np.asarray(a).size) for a in jax.tree_util.tree_leaves(jb.params))
+    assert n_jax == sum(p.numel() for p in tm.parameters())
+    rc = main(["train", "--framework", "jax", "--data", "synthetic:1,8,8:3:60", "--model", "transformer", "--width",
+               "16", "--epochs", "1", "--expected-batch-size", "15", "--physical-batch-size", "8", "--epsilon", "5",
+               "--no-progress", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["framework"] == "jax" and out["model"] == "transformer" and out["steps"] == 4
+
+
 def test_bf16_step_is_close_to_fp32():
     """bf16 forward/backward on fp32 master params: the update tracks the fp32 one closely (bf16
     rounding, ~1e-2 relative), the clipped sums and params stay fp32, and bad names fail."""
