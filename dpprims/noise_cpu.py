@@ -409,10 +409,11 @@ def noisy_update_many(kind: str, segments, *, hyper, adam_scalars, nesterov: boo
         checked.append((n, pair_offset, threads, *flat))
 
     def update(chunk, seg, lo, hi):
-        # elements [lo, hi) of one segment; chunk = (e0, rho, cos, sin) with segment element lo
-        # at chunk element lo_c = e0' (even: segments and chunks start at pairs), pair lo_c // 2
-        e_rel, rho, ct, st = chunk
-        j0 = e_rel // 2
+        # elements [lo, hi) of one segment; chunk = (c, rho, cos, sin): segment element lo is
+        # element c of the chunk (c even: segments and chunks start at pairs), i.e. its noise is
+        # pair c // 2 of the chunk's arrays
+        c, rho, ct, st = chunk
+        j0 = c // 2
         n, pair_offset, threads, p, g, s1, s2, go = seg
         sl = slice(lo, hi)
         gout = go[sl] if go is not None else dummy

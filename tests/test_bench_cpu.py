@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -103,3 +105,23 @@ def test_cpu_run_of_the_mlp_writes_json_and_markdown(tmp_path):
     assert set(row["notes"]["backends"].values()) == {"torch"}
     assert {r["method"] for r in row["notes"]["plan"]} == {"outer"}
     assert len(res["targets"]) == len(e2e.CPU_TARGETS)
+
+
+def test_interleaved_run_pairs_each_block_with_its_non_private_block(tmp_path, monkeypatch):
+    """bench/interleaved.py: every method's steps in one process, block by block; a DP method's
+    ratio per block is the non-private block median over its own (the same block), and the
+    files carry the machine line and command. A DP method without its baseline is refused."""
+    import interleaved
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert interleaved.main(["--methods", "torch-nonprivate,dpprims-torch", "--blocks", "3", "--block-steps", "2",
+                             "--block-warmup", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("cpu-interleaved-*.json")
+    res = json.loads(js.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    np_b, dp_b = rows["torch-nonprivate"]["block_medians_ms"], rows["dpprims-torch"]["block_medians_ms"]
+    assert len(np_b) == len(dp_b) == 3
+    assert rows["dpprims-torch"]["ratio_per_block"] == [a / b for a, b in zip(np_b, dp_b)]
+    assert "Command:" in js.with_suffix(".md").read_text() and res["machine"]["machine_line"]
+    with pytest.raises(SystemExit, match="needs torch-nonprivate"):
+        interleaved.run("mlp-784-256-b256", ["dpprims-torch"], 1, 1, 0, 1)
