@@ -295,18 +295,27 @@ def small_cnn(num_classes: int = 10, channels: Sequence[int] = (32, 64), hidden:
     return SmallCNN(num_classes, tuple(channels), hidden, num_groups, activation, pool_size)
 
 
-MODEL_NAMES: Tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet34", "resnet50",
+MODEL_NAMES: Tuple[str, ...] = ("mlp", "cnn", "transformer", "resnet18", "resnet34", "resnet50",
                                 "resnet18-cifar", "resnet34-cifar", "resnet50-cifar")
 
 
-def get_jax_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+def get_jax_model(name: str, num_classes: int = 10, input_size=None, **kwargs) -> nn.Module:
     """Build a JAX model by name (``MODEL_NAMES``, case-insensitive, ``_`` = ``-``), the twin of
-    :func:`dpprims.models.torch_small.get_model` (input channels and size follow from the input)."""
+    :func:`dpprims.models.torch_small.get_model` (input channels, and the size for every model but
+    the transformer, follow from the input). ``input_size`` (H, W): the transformer's patch rule
+    (:func:`dpprims.models.jax_transformer.small_transformer`; ``width`` is its dimension, as in
+    the torch registry); the other models ignore it."""
     key = name.lower().replace("_", "-")
     if key == "mlp":
         return mlp(num_classes=num_classes, **kwargs)
     if key == "cnn":
         return small_cnn(num_classes=num_classes, **kwargs)
+    if key == "transformer":
+        from .jax_transformer import small_transformer
+
+        if "width" in kwargs:  # the CLI's --width: the model dimension
+            kwargs["dim"] = kwargs.pop("width")
+        return small_transformer(num_classes, input_size=input_size, **kwargs)
     base, _, variant = key.partition("-")
     builders = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
     if base in builders and variant in ("", "cifar"):

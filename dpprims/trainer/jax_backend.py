@@ -129,20 +129,12 @@ class JaxBackend:
     @classmethod
     def from_name(cls, name: str, data, plan: DPPlan, *, seed: int = 0, width: int | None = None,
                   precision: str = "fp32", **kwargs) -> "JaxBackend":
-        """A backend for a named model, initialised from ``seed``: ``"transformer"`` is
-        dpprims.models.jax_transformer.small_transformer (the Flax twin of the torch CLI's model:
-        its patch rule from the data's image size, ``width`` its dimension), every other name
-        dpprims.models.jax_resnet.get_jax_model's."""
+        """A backend for a named model of dpprims.models.jax_resnet.get_jax_model (the data's image
+        size goes to the transformer's patch rule), initialised from ``seed``."""
         from dpprims.models.jax_resnet import get_jax_model
 
-        if str(name).strip().lower() == "transformer":
-            from dpprims.models.jax_transformer import small_transformer
-
-            model = small_transformer(data.num_classes, input_size=tuple(data.input_shape[1:]),
-                                      **({} if width is None else {"dim": width}))
-        else:
-            model_kw = {} if width is None else {"width": width}
-            model = get_jax_model(name, num_classes=data.num_classes, **model_kw)
+        model_kw = {} if width is None else {"width": width}
+        model = get_jax_model(name, num_classes=data.num_classes, input_size=tuple(data.input_shape[1:]), **model_kw)
         x0 = cls._prepare(data.x_train[:1], channels_last=True)
         params = model.init(jax.random.PRNGKey(int(seed or 0)), x0)["params"]
         return cls(model, params, plan, precision=precision, **kwargs)
