@@ -121,8 +121,7 @@ def finish(kl, logv, cos_t, sin_t, m, out, o0, n):
     _check_scratch(m, kl, logv, cos_t)
     if m > sin_t.shape[0] or n > out.shape[0] or o0 < 0 or o0 + 2 * m - 1 > n:
         raise ValueError("dpprims.noise_cpu: output range out of bounds")
-    for j in range(m):
-        logv[j] = _rho(kl[j], logv[j])
+    _rho_all(kl, logv, m)
     full = min(m, (n - o0) // 2)  # pairs whose both elements are kept: a branch-free loop
     dst = out[o0:]  # sliced first: indexing out at o0 + 2j in the loop kept it from vectorising
     for j in range(full):
@@ -179,13 +178,18 @@ def sgd_update(z, grad, param, buf, gout, std, norm, lr, mu, wd, has_buf, nester
         param[i] = p - lr * d
 
 
+@inline
+def _rho_all(kl, logv, m):
+    for j in range(m):
+        logv[j] = _rho(kl[j], logv[j])
+
+
 @jit
 def rho_inplace(kl, logv, m):
     """logv[j] <- rho of pair j (j < m): the first loop of :func:`finish`, for the fused updates
     below, which read z = rho cos / rho sin straight from the chunk's pair arrays."""
     _check_scratch(m, kl, logv, logv)
-    for j in range(m):
-        logv[j] = _rho(kl[j], logv[j])
+    _rho_all(kl, logv, m)
 
 
 @inline
@@ -227,7 +231,9 @@ def _sgd_pairs(rho, cos_t, sin_t, j0, grad, param, buf, gout, std, norm, lr, mu,
             if has_buf:
                 buf[i] = b
             param[i] = p
-    if m % 2:  # an odd segment end: its last element is z0 of one more pair
+    if m % 2:  # an odd segment end: its last element is z0 of one more pair (the loop body
+        # again: one inline helper for the element's loads and stores, shared by loop and tail,
+        # made this function ~35x slower)
         i = m - 1
         k = i // 2
         g, p, b = _sgd_one(rr[k] * cc[k], grad[i], param[i], buf[i] if has_buf else ZERO, std, norm, lr, mu, wd,

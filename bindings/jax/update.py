@@ -329,13 +329,13 @@ def _update_leaves(params, grads, s1s, s2s, seed, step, hyper, *, kind: int, off
     # the leaves keep their shapes up to the path that needs them flat: reshaping them here made
     # XLA copy every leaf into and out of the host update's in-place (aliased) buffers
     arrays = tuple([None if lst[i] is None else jnp.asarray(lst[i]) for i in live] for lst in (params, grads, s1s, s2s))
-    outs = nondifferentiable("noisy_update", _update_flat, seed, step, hyper, *arrays, kind=kind,
+    outs = nondifferentiable("noisy_update", _update_arrays, seed, step, hyper, *arrays, kind=kind,
                              offsets=tuple(int(offsets[i]) for i in live), rank=int(rank), nesterov=bool(nesterov),
                              write_grad=bool(write_grad))
     for k, i in enumerate(live):
         for lst, o in zip(res, outs):
             if o[k] is not None:
-                lst[i] = o[k].reshape(shapes[i])
+                lst[i] = o[k]
     return res
 
 
@@ -347,7 +347,7 @@ def _shaped(lists, shapes):
     return tuple([None if o is None else o.reshape(sh) for o, sh in zip(lst, shapes)] for lst in lists)
 
 
-def _update_flat(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, rank, nesterov, write_grad):
+def _update_arrays(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets, rank, nesterov, write_grad):
     """The update of non-empty leaves of any shapes (row-major; the host update takes them as they
     are, the XLA update and the kernels flattened); returns lists with the leaves' shapes."""
     shapes = [p.shape for p in params]
