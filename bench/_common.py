@@ -89,6 +89,17 @@ def _run(cmd: list[str]) -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(argv: list[str] | None = None, *, query_device: bool = True) -> dict:
     """GPU, driver, CUDA, library versions, git state and the exact command line.
 
@@ -100,6 +111,7 @@ def machine_info(argv: list[str] | None = None, *, query_device: bool = True) ->
         "host": platform.node(),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "command": "python " + " ".join(shlex.quote(a) for a in argv),
@@ -145,7 +157,8 @@ def machine_info(argv: list[str] | None = None, *, query_device: bool = True) ->
 
 
 def machine_line(info: dict) -> str:
-    parts = [info.get("gpu") or f"CPU only ({info.get('cpu')}, {info.get('cpu_count')} cores)"]
+    cpu = info.get("cpu_model") or info.get("cpu")
+    parts = [info.get("gpu") or f"CPU only ({cpu}, {info.get('cpu_count')} cores)"]
     if info.get("driver"):
         parts.append(f"driver {info['driver']}")
     if info.get("cuda"):

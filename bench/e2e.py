@@ -787,16 +787,6 @@ CPU_TARGETS = [
 _NONPRIVATE = {"torch": "torch-nonprivate", "jax": "jax-nonprivate"}
 
 
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def cpu_ratios(rows: list[dict]) -> None:
     """Adds ratio_vs_nonprivate (examples/s over the same framework's non-private row of the
     same config) and speedup_vs_<baseline> for the DP rows, in place."""
@@ -889,11 +879,6 @@ def cpu_markdown(res: dict) -> str:
 
 def _finish_cpu(args, info, rows, settings, t_run) -> int:
     """Writes <out>/cpu-<date>.json and .md (the CPU benchmark) and prints the table."""
-    cpu = _cpu_model()
-    if cpu:
-        info["cpu_model"] = cpu
-        info["machine_line"] = info["machine_line"].replace(
-            f"CPU only ({info.get('cpu')}, ", f"CPU only ({cpu}, ", 1)
     try:
         import jax
 
