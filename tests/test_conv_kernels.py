@@ -239,7 +239,10 @@ def test_torch_backend_matches_interpreter(conf, monkeypatch):
         assert _backend.LAST_BACKEND["conv2d_clipped_weight_grad"] == expected_backend
         assert _backend.LAST_BACKEND["conv2d_weight_sq_norms[ghost]"] == expected_backend
     for a, b in zip(results["1"], results["0"]):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+        # the same sums in another fp32 order: an element near zero (cancellation) can differ by
+        # a few ulp of the tensor's largest values, so atol scales with them (a fixed 1e-6 failed
+        # about 1 run in 3 on these fresh standard-normal inputs, up to 1.9e-6 off)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * max(1.0, float(b.abs().max())))
 
 
 def test_ops_trace_under_torch_compile():
