@@ -47,8 +47,14 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("loop_min", [None, 0], ids=["default", "per-example-loop"])
 @pytest.mark.parametrize("B,C,sp,Co,k,s,p,d,g", CONV_CASES)
-def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g):
+def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g, loop_min, monkeypatch):
+    """Every plain-torch norm method and the per-example gradients against autograd; with
+    loop_min = 0 the T >= 256 cases build them by the per-example weight-gradient conv loop
+    (at default thresholds these small shapes take the grouped conv)."""
+    if loop_min is not None:
+        monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", loop_min)
     torch.manual_seed(B * 100 + C)
     x = torch.randn(B, C, *sp)
     out_sp = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d)]
@@ -67,6 +73,24 @@ def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g):
         c[1] = 0.0
         ref_sum = (c.double().view(-1, 1, 1) * per_ref.reshape(B, Co, -1)).sum(0)
         assert _rel(conv_ops.clipped_sum_of_rows(per, c), ref_sum) <= 1e-5
+
+
+@pytest.mark.parametrize("hw,k,s,lo,d,g,hw_out", [
+    ((17, 16), (2, 2), (1, 1), (0, 0), (1, 1), 1, (17, 16)),  # padding="same", even kernel: high pad 1 only
+    ((33, 16), (3, 3), (2, 1), (1, 1), (1, 2), 2, (17, 16)),  # strided, dilated, grouped, high pad 3 on W
+])
+def test_per_example_loop_matches_grouped_conv_on_asymmetric_padding(hw, k, s, lo, d, g, hw_out, monkeypatch):
+    """The per-example conv loop pads x itself where torch's symmetric padding would not give
+    G's shape (then it calls a padding-0 conv): the same gradients as the grouped conv."""
+    torch.manual_seed(17)
+    x, G = torch.randn(3, 4, *hw), torch.randn(3, 6, *hw_out)
+    geo, x4, G4 = conv_ops.conv_geometry(x, G, list(k), list(s), list(lo), list(d), g)
+    assert geo.T >= 256
+    monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 0)
+    loop = conv_ops.per_example_weight_grads(x4, G4, geo)
+    monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 1 << 62)
+    grouped = conv_ops.per_example_weight_grads(x4, G4, geo)
+    assert _rel(loop, grouped) <= 1e-5
 
 
 def test_clipped_sum_of_rows_drops_nonfinite_examples():
@@ -120,12 +144,9 @@ def test_engine_cpu_methods_match_micro_batch_loop(model_cls, norm_method):
     assert "CPU ms" in engine.format_plan()
 
 
-@pytest.mark.parametrize("cap", [0, 64 << 20], ids=["ghost-recomputes-im2col", "ghost-keeps-im2col"])
-def test_ghost_clipped_sum_with_and_without_the_kept_im2col(cap, monkeypatch):
-    """A plain-torch ghost conv keeps its im2col for the clipped sum when it fits the memory
-    cap, else runs the framework's weight gradient: both give the oracle's sums, padding and a
-    non-finite example included."""
-    monkeypatch.setattr(cpu_cost, "INSTANTIATE_MAX_BYTES", cap)
+def test_ghost_clipped_sum_with_mask_and_nonfinite_example():
+    """A plain-torch ghost conv (Gram norms, then the framework's weight gradient of c * G as
+    the clipped sum) gives the oracle's sums, padding and a non-finite example included."""
     torch.manual_seed(8)
     model = CNN()
     x, y = _data(CNN, 5)

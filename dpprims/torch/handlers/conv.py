@@ -37,7 +37,6 @@ from dpprims.kernels.conv import choose_conv_norm_method, conv_norm_flops, conv_
 from dpprims.kernels.linear import choose_clipped_sum_design
 
 from .base import Capture, LayerHandler, add_grad
-from . import cpu_cost
 from .cpu_cost import choose_cpu_method, layer_costs
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
@@ -186,15 +185,11 @@ class ConvHandler(LayerHandler):
         if m.weight.requires_grad:
             if len(calls) == 1 and method == "instantiate":
                 total = total + ops.sq_rows(self._per_example(calls[0]).flatten(1))
-            elif (len(calls) == 1 and method == "ghost" and plain
-                  and 4 * B * groups * D * geo.T <= cpu_cost.INSTANTIATE_MAX_BYTES):
-                # plain-torch ghost: keep the im2col for the clipped sum (one GEMM over B*T rows)
-                x, G, lo = calls[0]
-                g4, x4, G4 = ops.conv_geometry(x, G, *self._conv_args(lo))
-                sq, U = ops.ghost_sq_norms_with_im2col(x4, G4, g4)
-                self.state.step_cache["im2col"] = (U, G4, g4)
-                total = total + sq
             elif len(calls) == 1:
+                # (plain-torch ghost: the im2col is dropped after the Gram matrices; the clipped
+                # sum is the framework's conv weight gradient, oneDNN's implicit GEMM. Keeping
+                # the im2col for an einsum clipped sum was 1.5-2x slower than that weight
+                # gradient on ResNet-18's layer3/4 shapes: the einsum transposes U in memory)
                 x, G, lo = calls[0]
                 total = total + ops.conv2d_weight_sq_norms(x, G, *self._conv_args(lo), method, prec)
             else:
@@ -250,9 +245,6 @@ class ConvHandler(LayerHandler):
         if m.weight.requires_grad:
             if len(calls) == 1 and "per_example" in self.state.step_cache:
                 add_grad(m.weight, ops.clipped_sum_of_rows(self._per_example(calls[0]), c))
-            elif len(calls) == 1 and "im2col" in self.state.step_cache:
-                U, G4, g4 = self.state.step_cache["im2col"]
-                add_grad(m.weight, ops.clipped_weight_grad_from_im2col(U, G4, c, g4))
             elif len(calls) == 1:
                 x, G, lo = calls[0]
                 route, args = self.engine.exact_route, self._conv_args(lo)
