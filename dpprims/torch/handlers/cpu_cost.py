@@ -34,7 +34,8 @@ BANDWIDTH = 6e9
 # Per layer: the per-example gradients an "instantiate" layer keeps between the norm pass and
 # the clipped sum (every instantiate layer of a model holds its buffer at the same time).
 INSTANTIATE_MAX_BYTES = 64 << 20
-# The conv direct/instantiate path uses oneDNN's grouped weight-gradient conv (batch as groups)
+# The conv direct/instantiate path builds per-example gradients with oneDNN's weight-gradient
+# conv (one call per example for large convs, else one grouped conv with the batch as groups)
 # from this many output positions on, an explicit im2col + batched GEMM below it
 # (bindings/torch/conv.py: per_example_weight_grads).
 GROUPED_CONV_MIN_T = 256
