@@ -267,12 +267,23 @@ def _padded(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
     return F.pad(x4.float(), (geo.PW, hi_w, geo.PH, hi_h))
 
 
-def _weight_grad(xp: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeometry, groups: int, c_out: int) -> torch.Tensor:
-    """The framework's own conv weight gradient (padding already applied to xp)."""
+def _weight_grad(xp: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeometry, groups: int, c_out: int,
+                 padding=(0, 0)) -> torch.Tensor:
+    """The framework's own conv weight gradient of xp with ``padding`` on both sides (the
+    default 0: padding already applied to xp, see :func:`_conv_input`)."""
     w_shape = (c_out, xp.shape[1] // groups, geo.KH, geo.KW)
     return torch.ops.aten.convolution_backward(
-        G4, xp, xp.new_empty(w_shape), None, [geo.SH, geo.SW], [0, 0], [geo.DH, geo.DW], False, [0, 0],
+        G4, xp, xp.new_empty(w_shape), None, [geo.SH, geo.SW], list(padding), [geo.DH, geo.DW], False, [0, 0],
         groups, [False, True, False])[1]
+
+
+def _conv_input(x4: torch.Tensor, geo: Conv2dGeometry) -> tuple:
+    """(x, padding) for :func:`_weight_grad`: x itself (fp32) with the conv's padding where
+    torch's symmetric padding gives exactly H_out x W_out (no padded copy), else the padded
+    copy with padding 0."""
+    if _symmetric_padding_fits(geo):
+        return x4.float(), (geo.PH, geo.PW)
+    return _padded(x4, geo), (0, 0)
 
 
 # per_example_weight_grads at T >= 256: from this many multiply-adds per example on, one
@@ -328,16 +339,10 @@ def per_example_weight_grads(x4: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeom
     B = x4.shape[0]
     out = x4.new_empty((B, geo.C_out, geo.D), dtype=torch.float32)
     if geo.T >= 256 and geo.T * geo.D * geo.C_out >= _LOOP_MIN_MACS:
-        w_shape = (geo.C_out, geo.C_in_g, geo.KH, geo.KW)
-        if _symmetric_padding_fits(geo):
-            xs, pad = x4.float(), [geo.PH, geo.PW]
-        else:
-            xs, pad = _padded(x4, geo), [0, 0]
-        g, w = G4.float(), xs.new_empty(w_shape)
+        xs, pad = _conv_input(x4, geo)
+        g = G4.float()
         for i in range(B):
-            out[i] = torch.ops.aten.convolution_backward(
-                g[i:i + 1], xs[i:i + 1], w, None, [geo.SH, geo.SW], pad, [geo.DH, geo.DW], False, [0, 0], geo.groups,
-                [False, True, False])[1].view(geo.C_out, geo.D)
+            out[i] = _weight_grad(xs[i:i + 1], g[i:i + 1], geo, geo.groups, geo.C_out, pad).view(geo.C_out, geo.D)
         return out
     if geo.T >= 256:
         step = _chunk(geo, geo.C_out * geo.D)
@@ -429,15 +434,8 @@ def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
             return x4.new_zeros((geo.C_out, geo.D), dtype=torch.float32)
         x4, G4, c = x4.index_select(0, idx), G4.index_select(0, idx), c.index_select(0, idx)
     g = G4.float() * c.view(-1, 1, 1, 1)
-    if _symmetric_padding_fits(geo):
-        w_shape = (geo.C_out, geo.C_in_g, geo.KH, geo.KW)
-        x32 = x4.float()
-        w = torch.ops.aten.convolution_backward(
-            g, x32, x32.new_empty(w_shape), None, [geo.SH, geo.SW], [geo.PH, geo.PW], [geo.DH, geo.DW], False,
-            [0, 0], geo.groups, [False, True, False])[1]
-    else:
-        w = _weight_grad(_padded(x4, geo), g, geo, geo.groups, geo.C_out)
-    return w.reshape(geo.C_out, geo.D)
+    xs, pad = _conv_input(x4, geo)
+    return _weight_grad(xs, g, geo, geo.groups, geo.C_out, pad).reshape(geo.C_out, geo.D)
 
 
 __all__ = [
