@@ -47,14 +47,17 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("loop_min", [None, 0], ids=["default", "per-example-loop"])
+@pytest.mark.parametrize("variant", ["default", "per-example-loop", "im2col-gram", "shifted-gram"])
 @pytest.mark.parametrize("B,C,sp,Co,k,s,p,d,g", CONV_CASES)
-def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g, loop_min, monkeypatch):
-    """Every plain-torch norm method and the per-example gradients against autograd; with
-    loop_min = 0 the T >= 256 cases build them by the per-example weight-gradient conv loop
-    (at default thresholds these small shapes take the grouped conv)."""
-    if loop_min is not None:
-        monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", loop_min)
+def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g, variant, monkeypatch):
+    """Every plain-torch norm method and the per-example gradients against autograd; in the
+    per-example-loop variant the T >= 256 cases build them by the per-example weight-gradient
+    conv loop (at default thresholds these small shapes take the grouped conv); the gram
+    variants force the ghost path's U^T U from the im2col or from the padded input's Gram."""
+    if variant == "per-example-loop":
+        monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 0)
+    elif variant.endswith("-gram"):
+        monkeypatch.setattr(conv_ops, "_GRAM", variant[:-len("-gram")])
     torch.manual_seed(B * 100 + C)
     x = torch.randn(B, C, *sp)
     out_sp = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d)]
@@ -91,6 +94,72 @@ def test_per_example_loop_matches_grouped_conv_on_asymmetric_padding(hw, k, s, l
     monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 1 << 62)
     grouped = conv_ops.per_example_weight_grads(x4, G4, geo)
     assert _rel(loop, grouped) <= 1e-5
+
+
+@pytest.mark.parametrize("hw,k,s,lo,d,g,hw_out", [
+    ((17, 16), (2, 2), (1, 1), (0, 0), (1, 1), 1, (17, 16)),  # padding="same", even kernel: high pad 1 only
+    ((33, 16), (3, 3), (2, 1), (1, 1), (1, 2), 2, (17, 16)),  # strided, dilated, grouped, high pad 3 on W
+    ((11, 9), (3, 3), (2, 2), (2, 0), (1, 1), 1, (6, 3)),     # cropped: the last rows / columns unread
+])
+def test_shifted_gram_ghost_matches_autograd(hw, k, s, lo, d, g, hw_out, monkeypatch):
+    """The shifted input Gram (no im2col) gives U^T U exactly as the im2col does, on
+    asymmetric padding and crops, and the ghost norms of autograd; a non-finite input value
+    poisons its own example's norm only, and one in a position no window reads (the crop)
+    changes nothing."""
+    torch.manual_seed(23)
+    B, C, Co = 4, 4, 6
+    x, G = torch.randn(B, C, *hw), torch.randn(B, Co, *hw_out)
+    geo, x4, G4 = conv_ops.conv_geometry(x, G, list(k), list(s), list(lo), list(d), g)
+    U = conv_ops.im2col(x4, geo).reshape(B * g, geo.D, geo.T)
+    uu = conv_ops.shifted_input_gram(x4, geo).reshape(B * g, geo.T, geo.T)
+    assert _rel(uu, U.transpose(1, 2).double() @ U.double()) <= 1e-5
+    monkeypatch.setattr(conv_ops, "_GRAM", "shifted")
+    sq = conv_ops._torch_weight_sq_norms(x4, G4, geo, "ghost")
+    # oracle: autograd on the explicitly padded input (asymmetric padding, crop)
+    xp = conv_ops._padded(x4, geo)
+    _, sq_ref = _conv_ref(xp, G, k, s, (0, 0), d, g)
+    assert _rel(sq, sq_ref) <= 1e-5
+    x_bad = x.clone()
+    x_bad[1, 0, lo[0], lo[1] + 1] = float("inf")
+    geo, xb4, _ = conv_ops.conv_geometry(x_bad, G, list(k), list(s), list(lo), list(d), g)
+    sq_bad = conv_ops._torch_weight_sq_norms(xb4, G4, geo, "ghost")
+    assert not torch.isfinite(sq_bad[1])
+    keep = torch.tensor([0, 2, 3])
+    assert torch.equal(sq_bad[keep], sq[keep])
+
+
+@pytest.mark.parametrize("hw,k,s,out,bad", [
+    ((12, 10), 3, 2, (5, 4), (11, 9)),  # 3x3 stride 2: the last row and column are cropped
+    ((9, 9), 1, 2, (5, 5), (1, 4)),     # 1x1 stride 2: an odd row sits in a stride gap of X^T X
+])
+def test_shifted_gram_ignores_unread_positions(hw, k, s, out, bad, monkeypatch):
+    """A NaN at a position of x that no window reads leaves every norm unchanged on the
+    shifted path (as on the im2col path): its row and column of X^T X are never read."""
+    torch.manual_seed(29)
+    x, G = torch.randn(3, 5, *hw), torch.randn(3, 7, *out)
+    args = ([k, k], [s, s], [0, 0], [1, 1], 1)
+    geo, x4, G4 = conv_ops.conv_geometry(x, G, *args)
+    x_bad = x.clone()
+    x_bad[0, 2, bad[0], bad[1]] = float("nan")
+    monkeypatch.setattr(conv_ops, "_GRAM", "shifted")
+    ref = conv_ops._torch_weight_sq_norms(x4, G4, geo, "ghost")
+    got = conv_ops._torch_weight_sq_norms(conv_ops.conv_geometry(x_bad, G, *args)[1], G4, geo, "ghost")
+    assert torch.isfinite(got).all() and torch.equal(got, ref)
+    assert _rel(ref, _conv_ref(x, G, (k, k), (s, s), (0, 0), (1, 1), 1)[1]) <= 1e-5
+
+
+def test_gram_method_follows_the_time_model():
+    """ResNet-18's layer3/4 stride-1 3x3 convs (B = 32) take the shifted Gram; a strided 1x1
+    downsample and a 32x32 stride-2 conv keep the im2col (N^2 >> K*T^2)."""
+    def geo(c_in, hw, c_out, k, s, p):
+        x = torch.empty(32, c_in, hw, hw)
+        out = (hw + 2 * p - k) // s + 1
+        G = torch.empty(32, c_out, out, out)
+        return conv_ops.conv_geometry(x, G, [k, k], [s, s], [p, p], [1, 1], 1)[0]
+    assert conv_ops.gram_method(geo(256, 8, 256, 3, 1, 1)) == "shifted"
+    assert conv_ops.gram_method(geo(512, 4, 512, 3, 1, 1)) == "shifted"
+    assert conv_ops.gram_method(geo(128, 16, 256, 1, 2, 0)) == "im2col"
+    assert conv_ops.gram_method(geo(64, 32, 128, 3, 2, 1)) == "im2col"
 
 
 def test_clipped_sum_of_rows_drops_nonfinite_examples():

@@ -4,7 +4,8 @@ Every op is a ``torch.library.custom_op`` with a fake implementation, so torch.c
 through it. Backends as in ``linear.py`` (see ``_backend``): the Triton kernels on CUDA, the
 same kernels through Triton's interpreter on CPU when TRITON_INTERPRET=1, and otherwise a
 plain-torch implementation that follows the same plan (the CPU path): ghost norms from the
-Gram matrices of an explicit im2col and of G (batched GEMMs), direct norms from per-example
+Gram matrices of G and of the unfolded input (batched GEMMs; U^T U from an explicit im2col or,
+at small spatial sizes, from the padded input's own Gram matrix), direct norms from per-example
 weight gradients built by batched GEMMs or one grouped weight-gradient conv, chunked so that
 at most ~2^24 values of intermediates exist, and the clipped sum as one framework weight
 gradient of (c * G) and x. ``per_example_weight_grads`` and ``clipped_sum_of_rows`` are the
@@ -364,13 +365,65 @@ def per_example_weight_grads(x4: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeom
     return out
 
 
+# The plain-torch ghost path's input Gram U^T U: "auto" (the time model,
+# dpprims.torch.handlers.cpu_cost.conv_gram_costs), "im2col" or "shifted" (tests force each).
+_GRAM = "auto"
+
+
+def padded_positions(geo: Conv2dGeometry) -> int:
+    """N = H_p * W_p: the positions of x with the conv's low padding and the high padding (or
+    crop) that yields exactly H_out x W_out (:func:`_padded`)."""
+    hp = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1
+    wp = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1
+    return hp * wp
+
+
+def gram_method(geo: Conv2dGeometry) -> str:
+    """How the plain-torch ghost path forms U^T U for this conv ("im2col" or "shifted")."""
+    if _GRAM != "auto":
+        return _GRAM
+    from dpprims.torch.handlers.cpu_cost import conv_gram_costs  # (lazy: handlers import this module)
+
+    costs = conv_gram_costs(geo.B, geo.T, geo.D, geo.groups, geo.KH * geo.KW, padded_positions(geo))
+    return min(costs, key=costs.get)
+
+
+def shifted_input_gram(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
+    """U^T U [b*groups, H_out, W_out, H_out, W_out] (fp32) of a chunk without an im2col.
+
+    With X the padded input of one example and group ([C_in/g, N] over the N = H_p * W_p padded
+    positions) and M = X^T X [N, N], the patch of output position t holds X at positions
+    pos_t + off_o over the taps o (pos_t = ho*SH*W_p + wo*SW, off_o = kh*DH*W_p + kw*DW), so
+    u_t . u_t' = sum_o M[pos_t + off_o, pos_t' + off_o]: per tap, a strided [T, T] block of M
+    (one as_strided view, no index tensors), added up. Exact: the same products as the im2col
+    Gram in another summation order. Entries of M at positions no window reads (stride gaps)
+    are never read, so a non-finite input value there changes nothing, as for the im2col."""
+    xp = _padded(x4, geo)
+    b, c_in, hp, wp = xp.shape
+    n, g = hp * wp, geo.groups
+    X = xp.reshape(b * g, c_in // g, n)
+    M = torch.bmm(X.transpose(1, 2), X)  # [b*g, N, N]
+    ho, wo = geo.H_out, geo.W_out
+    taps = M.as_strided((b * g, geo.KH, geo.KW, ho, wo, ho, wo),
+                        (n * n, geo.DH * wp * (n + 1), geo.DW * (n + 1), geo.SH * wp * n, geo.SW * n,
+                         geo.SH * wp, geo.SW))
+    S = taps[:, 0, 0].clone()
+    for kh in range(geo.KH):
+        for kw in range(geo.KW):
+            if kh or kw:
+                S += taps[:, kh, kw]  # one elementwise add per tap (a strided reduction is 4x slower)
+    return S
+
+
 def _torch_weight_sq_norms(x4, G4, geo: Conv2dGeometry, method: str) -> torch.Tensor:
     """Per-example squared norms on the plain-torch path, by the method the plan chose (the
     methods agree up to fp32 summation order):
 
-    * "ghost": sum over groups of <U U^T, G G^T>_F with U the im2col of the example: two
-      batched Gram GEMMs [T, T] per example and group, 2*T^2*(D+P) flops, chunked over
-      examples (at most ~2^24 values of im2col or Gram matrices at once);
+    * "ghost": sum over groups of <U^T U, G^T G>_F: [T, T] Gram matrices per example and group,
+      G^T G by a batched GEMM (2*T^2*P flops) and U^T U from the explicit im2col U (2*T^2*D
+      flops) or, where the time model says it is cheaper (small spatial sizes), from the Gram
+      matrix of the padded input (:func:`shifted_input_gram`); chunked over examples (at most
+      ~2^24 values of im2col or Gram matrices at once);
     * "direct": the per-example weight gradients built a chunk at a time
       (:func:`per_example_weight_grads`), square-summed, then dropped."""
     if geo.B == 0:  # an empty batch (B = 0) is a real step: no norms, nothing to chunk
@@ -383,14 +436,23 @@ def _torch_weight_sq_norms(x4, G4, geo: Conv2dGeometry, method: str) -> torch.Te
             out.append(sq_rows(per.flatten(1)))
         return torch.cat(out)
     Tn = geo.T
-    step = _chunk(geo, geo.groups * (geo.D * Tn + 2 * Tn * Tn) + geo.C_out * Tn)
+    shifted = gram_method(geo) == "shifted"
+    if shifted:
+        n = padded_positions(geo)
+        per_example = geo.groups * (n * n + 2 * Tn * Tn) + geo.C_in * n + geo.C_out * Tn
+    else:
+        per_example = geo.groups * (geo.D * Tn + 2 * Tn * Tn) + geo.C_out * Tn
+    step = _chunk(geo, per_example)
     out = []
     for s in range(0, geo.B, step):
-        U = im2col(x4[s:s + step], geo)  # [b, g, D, T]
-        b = U.shape[0]
-        U = U.reshape(b * geo.groups, geo.D, Tn)
+        xs = x4[s:s + step]
+        b = xs.shape[0]
+        if shifted:
+            uu = shifted_input_gram(xs, geo)
+        else:
+            U = im2col(xs, geo).reshape(b * geo.groups, geo.D, Tn)  # [b*g, D, T]
+            uu = torch.bmm(U.transpose(1, 2), U)  # [b*g, T, T]
         g = G4[s:s + step].float().reshape(b * geo.groups, geo.P, Tn)
-        uu = torch.bmm(U.transpose(1, 2), U)  # [b*g, T, T]
         gg = torch.bmm(g.transpose(1, 2), g)  # [b*g, T, T]
         out.append(_sq_dot(uu, gg).reshape(b, geo.groups).sum(1))
     return torch.cat(out)
@@ -441,5 +503,6 @@ def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
 __all__ = [
     "conv_geometry", "conv2d_weight_sq_norms", "conv2d_clipped_weight_grad", "conv2d_bias_grads",
     "conv2d_bias_sq_norms", "conv2d_clipped_bias_grad", "clipped_rows_sum", "unfold", "im2col",
-    "per_example_weight_grads", "sq_rows", "clipped_sum_of_rows",
+    "per_example_weight_grads", "sq_rows", "clipped_sum_of_rows", "shifted_input_gram", "gram_method",
+    "padded_positions",
 ]

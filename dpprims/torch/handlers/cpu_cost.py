@@ -8,7 +8,11 @@ module models the time of the whole clipping work of one layer (norm pass + clip
 each method and picks the fastest:
 
 * ``ghost``: the Gram matrices U U^T and G G^T per example ([T, T] each, reductions over d and
-  p), then the clipped sum as ONE framework weight gradient of (c * G) and x (2*B*T*d*p flops);
+  p), then the clipped sum as ONE framework weight gradient of (c * G) and x (2*B*T*d*p flops).
+  A conv forms U^T U one of two ways (:func:`conv_gram_costs` picks): from the explicit im2col
+  (2*T^2*d flops), or "shifted" from the Gram matrix of the padded input over its N positions
+  (2*N^2*C_in/g flops, no im2col) summed over the kernel's taps (shifted diagonal blocks,
+  K*T^2 adds), which wins at small spatial sizes (ResNet-18's layer3/4 3x3 convs);
 * ``direct``: the per-example weight gradients G_i^T U_i a chunk at a time (reduction over T),
   square-summed and dropped; then the same clipped weight gradient;
 * ``instantiate``: as direct, but the per-example gradients are kept (B*p*d fp32 values per
@@ -51,10 +55,34 @@ def _copy_s(nbytes: float) -> float:
     return nbytes / BANDWIDTH
 
 
-def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool) -> dict:
+def conv_gram_costs(B: int, T: int, D: int, groups: int, taps: int, padded_positions: int) -> dict:
+    """Modelled seconds of forming every example's input Gram matrix U^T U ([T, T] per group)
+    of a conv with ``taps`` = KH*KW kernel taps, d = D = C_in/g * taps, and ``padded_positions``
+    N = H_p * W_p positions of the padded (and cropped) input, two ways:
+
+    * "im2col": the explicit im2col (write + read) and the GEMM U^T U (2*T^2*d flops);
+    * "shifted": a padded copy of x (write + read), the GEMM X^T X over all N positions
+      (2*N^2*C_in/g flops) and, per tap, an add of the [T, T] block of it that the tap sees
+      (K*T^2 values read and written).
+
+    Measured on the 2-core machine, B = 32: ResNet-18's layer3 3x3 (256 x 8x8) 4.6 -> 1.6 ms,
+    layer4 (512 x 4x4) 2.5 -> 0.7 ms, layer4's stride-2 3x3 1.5 -> 0.9 ms; the model keeps
+    im2col where shifted loses (stride-2 convs of 16x16 inputs, 1x1 downsamples: N^2 >> K*T^2)."""
+    B, T, D, g, K, N = (max(1, v) for v in (B, T, D, groups, taps, padded_positions))
+    cin = max(1, D // K)
+    im2col = _copy_s(2 * 4 * B * g * D * T) + _gemm_s(2 * B * g * T * T * D, D)
+    shifted = (_copy_s(2 * 4 * B * g * cin * N) + _gemm_s(2 * B * g * N * N * cin, cin)
+               + _copy_s(2 * 4 * B * g * K * T * T))
+    return {"im2col": im2col, "shifted": shifted}
+
+
+def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool, taps: int | None = None,
+                padded_positions: int | None = None) -> dict:
     """Modelled seconds of norm pass + clipped sum per method, for one layer of B examples
     with T positions, d = D, p = P per group (fp32). ``conv`` adds the im2col copies the conv
-    path makes. "instantiate" is absent when its buffer would exceed INSTANTIATE_MAX_BYTES."""
+    path makes; with ``taps`` and ``padded_positions`` (a single-call conv, see
+    :func:`conv_gram_costs`) its ghost cost is that of the cheaper input Gram. "instantiate" is
+    absent when its buffer would exceed INSTANTIATE_MAX_BYTES."""
     B, T, D, P, g = max(1, B), max(1, T), max(1, D), max(1, P), max(1, groups)
     wgrad = _gemm_s(2 * B * T * D * P * g, B * T)  # the framework's clipped weight gradient
     im2col = _copy_s(2 * 4 * B * g * D * T) if conv else 0.0  # write + read of U
@@ -62,8 +90,11 @@ def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool) 
     costs = {}
     if T == 1 and not conv:
         costs["outer"] = _copy_s(4 * B * (D + P)) + wgrad
-    gram = _gemm_s(2 * B * g * T * T * D, D) + _gemm_s(2 * B * g * T * T * P, P) + _copy_s(2 * 4 * 2 * B * g * T * T)
-    costs["ghost"] = im2col + gram + wgrad
+    gram_u = im2col + _gemm_s(2 * B * g * T * T * D, D)
+    if conv and taps and padded_positions:
+        gram_u = min(conv_gram_costs(B, T, D, g, taps, padded_positions).values())
+    gram = gram_u + _gemm_s(2 * B * g * T * T * P, P) + _copy_s(2 * 4 * 2 * B * g * T * T)
+    costs["ghost"] = gram + wgrad
     if conv and T >= GROUPED_CONV_MIN_T:
         build = _gemm_s(2 * B * T * D * P * g, T)  # grouped conv: per-example GEMMs over T
     else:
@@ -76,14 +107,14 @@ def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool) 
 
 
 def choose_cpu_method(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool,
-                      method: str = "auto") -> str:
+                      method: str = "auto", taps: int | None = None, padded_positions: int | None = None) -> str:
     """The plain-torch method of one layer: the user's ``method`` if forced ("ghost",
     "direct", "instantiate"; "instantiate" over the memory cap runs "direct"), else the
     cheapest by :func:`layer_costs`. Linear layers with T = 1 always use "outer" (ghost and
     direct both reduce to it)."""
     if method not in ("auto",) + CPU_METHODS:
         raise ValueError(f"norm_method must be 'auto' or one of {CPU_METHODS}, got {method!r}")
-    costs = layer_costs(B, T, D, P, groups, conv=conv)
+    costs = layer_costs(B, T, D, P, groups, conv=conv, taps=taps, padded_positions=padded_positions)
     if "outer" in costs:
         return "outer"
     if method != "auto":
@@ -129,5 +160,5 @@ if __name__ == "__main__":  # pragma: no cover - a measuring tool
     print(json.dumps(measure(), indent=1))
 
 
-__all__ = ["layer_costs", "choose_cpu_method", "CPU_METHODS", "INSTANTIATE_MAX_BYTES", "GEMM_FLOPS",
+__all__ = ["layer_costs", "conv_gram_costs", "choose_cpu_method", "CPU_METHODS", "INSTANTIATE_MAX_BYTES", "GEMM_FLOPS",
            "BANDWIDTH", "GEMM_K_HALF", "GROUPED_CONV_MIN_T", "measure"]
