@@ -5,6 +5,8 @@ Oracles: per-example float64 autograd.grad loops (the weight gradient of each ex
 own) and the micro-batch loop of test_engine_conv. The plain-torch path is what runs on a CPU
 without TRITON_INTERPRET (``plain_torch_path``), so these tests pin that path on explicitly.
 """
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -47,15 +49,21 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["default", "per-example-loop", "im2col-gram", "shifted-gram"])
+@pytest.mark.parametrize("variant", ["default", "loop-build", "grouped-build", "im2col-build", "im2col-gram",
+                                     "shifted-gram"])
 @pytest.mark.parametrize("B,C,sp,Co,k,s,p,d,g", CONV_CASES)
 def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g, variant, monkeypatch):
-    """Every plain-torch norm method and the per-example gradients against autograd; in the
-    per-example-loop variant the T >= 256 cases build them by the per-example weight-gradient
-    conv loop (at default thresholds these small shapes take the grouped conv); the gram
-    variants force the ghost path's U^T U from the im2col or from the padded input's Gram."""
-    if variant == "per-example-loop":
-        monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 0)
+    """Every plain-torch norm method and the per-example gradients against autograd; the build
+    variants force how per-example gradients are built (a weight-gradient conv per example,
+    one grouped conv with the batch as groups, the chunked im2col + batched GEMM: at default
+    thresholds these small shapes take the im2col), the gram variants the ghost path's U^T U
+    (from the im2col or from the padded input's Gram)."""
+    if variant.endswith("-build"):
+        monkeypatch.setattr(conv_ops, "_BUILD", variant[:-len("-build")])
+        if variant == "im2col-build":  # chunks of 2 examples: the chunk boundaries are exercised
+            d_, t_ = C // g * math.prod(k), math.prod(
+                (n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d))
+            monkeypatch.setattr(conv_ops, "_IM2COL_CHUNK", 2 * g * d_ * t_)
     elif variant.endswith("-gram"):
         monkeypatch.setattr(conv_ops, "_GRAM", variant[:-len("-gram")])
     torch.manual_seed(B * 100 + C)
@@ -82,18 +90,20 @@ def test_conv_plain_torch_methods_match_autograd(B, C, sp, Co, k, s, p, d, g, va
     ((17, 16), (2, 2), (1, 1), (0, 0), (1, 1), 1, (17, 16)),  # padding="same", even kernel: high pad 1 only
     ((33, 16), (3, 3), (2, 1), (1, 1), (1, 2), 2, (17, 16)),  # strided, dilated, grouped, high pad 3 on W
 ])
-def test_per_example_loop_matches_grouped_conv_on_asymmetric_padding(hw, k, s, lo, d, g, hw_out, monkeypatch):
+def test_per_example_builds_agree_on_asymmetric_padding(hw, k, s, lo, d, g, hw_out, monkeypatch):
     """The per-example conv loop pads x itself where torch's symmetric padding would not give
-    G's shape (then it calls a padding-0 conv): the same gradients as the grouped conv."""
+    G's shape (then it calls a padding-0 conv): the same gradients as the grouped conv and the
+    im2col + batched GEMM."""
     torch.manual_seed(17)
     x, G = torch.randn(3, 4, *hw), torch.randn(3, 6, *hw_out)
     geo, x4, G4 = conv_ops.conv_geometry(x, G, list(k), list(s), list(lo), list(d), g)
     assert geo.T >= 256
-    monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 0)
-    loop = conv_ops.per_example_weight_grads(x4, G4, geo)
-    monkeypatch.setattr(conv_ops, "_LOOP_MIN_MACS", 1 << 62)
-    grouped = conv_ops.per_example_weight_grads(x4, G4, geo)
-    assert _rel(loop, grouped) <= 1e-5
+    built = {}
+    for build in ("loop", "grouped", "im2col"):
+        monkeypatch.setattr(conv_ops, "_BUILD", build)
+        built[build] = conv_ops.per_example_weight_grads(x4, G4, geo)
+    assert _rel(built["loop"], built["grouped"]) <= 1e-5
+    assert _rel(built["im2col"], built["grouped"]) <= 1e-5
 
 
 @pytest.mark.parametrize("hw,k,s,lo,d,g,hw_out", [
@@ -146,6 +156,20 @@ def test_shifted_gram_ignores_unread_positions(hw, k, s, out, bad, monkeypatch):
     got = conv_ops._torch_weight_sq_norms(conv_ops.conv_geometry(x_bad, G, *args)[1], G4, geo, "ghost")
     assert torch.isfinite(got).all() and torch.equal(got, ref)
     assert _rel(ref, _conv_ref(x, G, (k, k), (s, s), (0, 0), (1, 1), 1)[1]) <= 1e-5
+
+
+def test_per_example_build_rule():
+    """ResNet-18's layer1/2 3x3 (B = 32): a weight-gradient conv per example; its stem and 1x1
+    downsample, and its layer3 3x3: the chunked im2col; a depthwise conv at T >= 256: the
+    grouped conv."""
+    rule = conv_ops.per_example_build_for
+    assert rule(1024, 576, 64, 1, 64) == "loop"
+    assert rule(256, 1152, 128, 1, 128) == "loop"
+    assert rule(64, 2304, 256, 1, 256) == "im2col"
+    assert rule(1024, 27, 64, 1, 3) == "im2col"
+    assert rule(256, 64, 128, 1, 64) == "im2col"
+    assert rule(256, 9, 1, 64, 64) == "grouped"
+    assert rule(64, 9, 1, 64, 64) == "im2col"
 
 
 def test_gram_method_follows_the_time_model():

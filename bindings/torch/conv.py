@@ -289,10 +289,41 @@ def _conv_input(x4: torch.Tensor, geo: Conv2dGeometry) -> tuple:
 
 # per_example_weight_grads at T >= 256: from this many multiply-adds per example on, one
 # framework weight-gradient conv per example (oneDNN's implicit GEMM, ~0.1 ms of call overhead
-# each); below it, one grouped conv over the batch as groups. Measured on the 2-core machine,
-# B = 32: 3x3 convs of ResNet-18's layer1/2 (38M MACs per example) 12.8 / 11.2 / 18.1 ms per
-# example loop against 24.1 / 20.9 / 30.7 ms grouped; its 1x1 downsample (2M) 4.0 against 1.8 ms.
+# each). Measured inside the ResNet-18 DP step (B = 32, 2-core machine; medians of 6 steps):
+# layer1 3x3 12.8 ms per layer, layer2 3x3 17.0 ms against 18.3 ms for the chunked im2col
+# below (which is faster on its own, 10.3 against 13.1 ms, with its inputs still in cache).
 _LOOP_MIN_MACS = 1 << 23
+
+# Below that (and at T < 256), chunks of the explicit im2col of about this many fp32 values
+# (4 MiB, so a chunk's U is still in cache when the batched GEMM reads it) and one batched
+# GEMM per chunk: inside the ResNet-18 step its stem 1.3 ms and its 1x1 stride-2 downsample
+# 2.0 ms, against 2.2 / 4.4 ms for the grouped conv with the batch as groups used before, and
+# 15.4 against 25.4 ms for the 2^24-value chunks on its stride-2 layer3 3x3 (isolated).
+# Depthwise convs with T >= 256 keep the grouped conv (oneDNN there is 2x faster than the many
+# tiny GEMMs at 16x16, 2x slower at 32x32).
+_IM2COL_CHUNK = 1 << 20
+
+
+# Forces per_example_weight_grads' build ("loop", "grouped", "im2col"; tests force each).
+_BUILD = "auto"
+
+
+def per_example_build(geo: Conv2dGeometry) -> str:
+    """How :func:`per_example_weight_grads` builds this conv's per-example gradients: "loop",
+    "grouped" or "im2col" (:func:`per_example_build_for` is the rule the time model,
+    dpprims.torch.handlers.cpu_cost, shares)."""
+    if _BUILD != "auto":
+        return _BUILD
+    return per_example_build_for(geo.T, geo.D, geo.P, geo.groups, geo.C_in)
+
+
+def per_example_build_for(T: int, D: int, P: int, groups: int, c_in: int) -> str:
+    if T >= 256 and T * D * P * groups >= _LOOP_MIN_MACS:
+        return "loop"
+    if T >= 256 and groups > 1 and groups == c_in:
+        return "grouped"
+    return "im2col"
+
 
 # Plain-torch chunks hold at most this many fp32 values of their largest intermediate (the
 # im2col, the Gram matrices or the per-example gradients): 2^24 values = 64 MiB.
@@ -324,28 +355,26 @@ def _chunk(geo: Conv2dGeometry, per_example: int) -> int:
 
 def per_example_weight_grads(x4: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
     """Every example's weight gradient [B, C_out, D] (fp32, materialised: B*C_out*D values),
-    D = C_in/groups*KH*KW in the weight layout. Plain torch, chunked over examples so that at
-    most ~2^24 values of intermediates exist at once. Three implementations of the same product
-    G_i^T U_i, picked by shape (all exact up to fp32 summation order; no im2col in memory for
-    the first two):
+    D = C_in/groups*KH*KW in the weight layout. Three implementations of the same product
+    G_i^T U_i, picked by shape (:func:`per_example_build`; all exact up to fp32 summation
+    order), none holding more than a few MiB of intermediates besides the output:
 
-    * T >= 256 and at least ``_LOOP_MIN_MACS`` per example: the framework's weight-gradient
-      conv once per example, written into its row of the output (2x faster than the grouped
-      conv below on ResNet-18's 3x3 layers);
-    * other T >= 256: the batch-as-groups trick, one grouped convolution backward over
-      [1, b*C_in, H, W] (oneDNN's implicit GEMM);
-    * smaller T: the explicit im2col and one batched GEMM per chunk (the grouped conv backward
-      of oneDNN is slow at small spatial sizes: 7x the plain weight gradient at 8x8 on a
-      2-core Xeon, against 1.5x for the batched GEMM)."""
+    * "loop" (T >= 256, at least ``_LOOP_MIN_MACS`` per example): the framework's weight-
+      gradient conv once per example, written into its row of the output;
+    * "grouped" (depthwise, T >= 256): the batch-as-groups trick, one grouped convolution
+      backward over [1, b*C_in, H, W] (oneDNN's implicit GEMM);
+    * "im2col": the explicit im2col and one batched GEMM per chunk of ~``_IM2COL_CHUNK``
+      values of U, written straight into the output."""
     B = x4.shape[0]
     out = x4.new_empty((B, geo.C_out, geo.D), dtype=torch.float32)
-    if geo.T >= 256 and geo.T * geo.D * geo.C_out >= _LOOP_MIN_MACS:
+    build = per_example_build(geo)
+    if build == "loop":
         xs, pad = _conv_input(x4, geo)
         g = G4.float()
         for i in range(B):
             out[i] = _weight_grad(xs[i:i + 1], g[i:i + 1], geo, geo.groups, geo.C_out, pad).view(geo.C_out, geo.D)
         return out
-    if geo.T >= 256:
+    if build == "grouped":
         step = _chunk(geo, geo.C_out * geo.D)
         for s in range(0, B, step):
             xp = _padded(x4[s:s + step], geo)
@@ -355,13 +384,13 @@ def per_example_weight_grads(x4: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeom
                                g.reshape(1, b * geo.C_out, *g.shape[2:]), geo, b * geo.groups, b * geo.C_out)
             out[s:s + b] = per.view(b, geo.C_out, geo.D)
         return out
-    step = _chunk(geo, geo.groups * geo.D * geo.T + geo.C_out * geo.D)
+    step = max(1, _IM2COL_CHUNK // (geo.groups * geo.D * geo.T))
     for s in range(0, B, step):
         U = im2col(x4[s:s + step], geo)  # [b, g, D, T]
         b = U.shape[0]
         g = G4[s:s + step].float().reshape(b * geo.groups, geo.P, geo.T)
-        per = torch.bmm(g, U.reshape(b * geo.groups, geo.D, geo.T).transpose(1, 2))  # [b*g, P, D]
-        out[s:s + b] = per.view(b, geo.C_out, geo.D)
+        torch.bmm(g, U.reshape(b * geo.groups, geo.D, geo.T).transpose(1, 2),
+                  out=out[s:s + b].view(b * geo.groups, geo.P, geo.D))
     return out
 
 
@@ -503,6 +532,6 @@ def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
 __all__ = [
     "conv_geometry", "conv2d_weight_sq_norms", "conv2d_clipped_weight_grad", "conv2d_bias_grads",
     "conv2d_bias_sq_norms", "conv2d_clipped_bias_grad", "clipped_rows_sum", "unfold", "im2col",
-    "per_example_weight_grads", "sq_rows", "clipped_sum_of_rows", "shifted_input_gram", "gram_method",
+    "per_example_weight_grads", "per_example_build", "per_example_build_for", "sq_rows", "clipped_sum_of_rows", "shifted_input_gram", "gram_method",
     "padded_positions",
 ]

@@ -38,12 +38,6 @@ BANDWIDTH = 6e9
 # Per layer: the per-example gradients an "instantiate" layer keeps between the norm pass and
 # the clipped sum (every instantiate layer of a model holds its buffer at the same time).
 INSTANTIATE_MAX_BYTES = 64 << 20
-# The conv direct/instantiate path builds per-example gradients with oneDNN's weight-gradient
-# conv (one call per example for large convs, else one grouped conv with the batch as groups)
-# from this many output positions on, an explicit im2col + batched GEMM below it
-# (bindings/torch/conv.py: per_example_weight_grads).
-GROUPED_CONV_MIN_T = 256
-
 CPU_METHODS = ("ghost", "direct", "instantiate")
 
 
@@ -95,10 +89,16 @@ def layer_costs(B: int, T: int, D: int, P: int, groups: int = 1, *, conv: bool, 
         gram_u = min(conv_gram_costs(B, T, D, g, taps, padded_positions).values())
     gram = gram_u + _gemm_s(2 * B * g * T * T * P, P) + _copy_s(2 * 4 * 2 * B * g * T * T)
     costs["ghost"] = gram + wgrad
-    if conv and T >= GROUPED_CONV_MIN_T:
-        build = _gemm_s(2 * B * T * D * P * g, T)  # grouped conv: per-example GEMMs over T
-    else:
-        build = im2col + _gemm_s(2 * B * T * D * P * g, T)
+    build = im2col + _gemm_s(2 * B * T * D * P * g, T)
+    if conv:
+        # the conv direct/instantiate path builds per-example gradients by oneDNN's weight-
+        # gradient conv (per example, or grouped with the batch as groups: no im2col) or by a
+        # chunked im2col + batched GEMM (bindings/torch/conv.py: per_example_build_for)
+        from dpprims.bindings.torch.conv import per_example_build_for  # (lazy: imports torch)
+
+        c_in = g * (D // taps) if taps else g * D  # (without taps: not depthwise)
+        if per_example_build_for(T, D, P, g, c_in) != "im2col":
+            build = _gemm_s(2 * B * T * D * P * g, T)
     norm_direct = build + _copy_s(2 * per_ex)  # write, then square-sum
     costs["direct"] = norm_direct + wgrad
     if per_ex <= INSTANTIATE_MAX_BYTES:
@@ -161,4 +161,4 @@ if __name__ == "__main__":  # pragma: no cover - a measuring tool
 
 
 __all__ = ["layer_costs", "conv_gram_costs", "choose_cpu_method", "CPU_METHODS", "INSTANTIATE_MAX_BYTES", "GEMM_FLOPS",
-           "BANDWIDTH", "GEMM_K_HALF", "GROUPED_CONV_MIN_T", "measure"]
+           "BANDWIDTH", "GEMM_K_HALF", "measure"]
