@@ -353,3 +353,32 @@ def test_engine_cpu_methods_on_an_empty_batch(model_cls, norm_method):
     assert norms.shape == (0,)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+@pytest.mark.parametrize("automatic", [False, True])
+def test_plain_clip_factors_zero_exactly_the_nonfinite_norms(automatic):
+    """clip_factors_torch tests finiteness as n < inf on n = sqrt(sq): every NaN, +inf, -inf or
+    negative squared norm (sqrt gives NaN) gets c = 0 and every finite one keeps its factor,
+    the same factors as the definition with isfinite; the engine counts the same examples as
+    non-finite."""
+    torch.manual_seed(31)
+    sq = torch.rand(11) * 9
+    bad = [1, 4, 6, 9]
+    sq[1], sq[4], sq[6], sq[9] = float("nan"), float("inf"), float("-inf"), -2.0
+    C = torch.tensor([1.3])
+    c, n = lin_ops.clip_factors_torch(sq, None, C, automatic, 0.01)
+    n_ref = sq.double().sqrt()
+    ok = torch.isfinite(n_ref)
+    c_ref = torch.where(ok, 1.3 / (n_ref + 0.01) if automatic else torch.clamp(1.3 / (n_ref + 1e-6), max=1.0), 0.0)
+    assert torch.equal(c == 0, ~ok) and ok.sum() == 11 - len(bad)
+    assert _rel(c, c_ref) <= 1e-6
+    if not automatic:  # C = inf (no clipping): C / n alone would give NaN at n = inf, not 0
+        c_inf, _ = lin_ops.clip_factors_torch(sq, None, torch.tensor([float("inf")]), False, 0.01)
+        assert torch.equal(c_inf, ok.float())
+    model = nn.Sequential(nn.Linear(5, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    x[2, 1], x[4, 0] = float("inf"), float("nan")
+    with plain_torch_path():
+        engine = DPEngine(model, max_grad_norm=1.0)
+        norms = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert int(engine.last_stats["nonfinite"]) == int((~torch.isfinite(norms)).sum()) == 2

@@ -333,10 +333,13 @@ def clip_factors_torch(sq_norms: torch.Tensor, mask: torch.Tensor | None, max_gr
     """The plain-torch implementation of :func:`clip_factors` (same arguments, shapes checked by
     the caller; B > 0): what the op runs on a CPU without the interpreter, and what
     DPEngine.backward calls directly there (the custom-op dispatch costs ~100 us a step, more
-    than the arithmetic). fp32; c_i = 0 where the mask is 0 or n_i (or the slack) is not finite."""
+    than the arithmetic). fp32; c_i = 0 where the mask is 0 or n_i (or the slack) is not finite.
+    Privacy-relevant: the finiteness test of n is ``n < inf``, one comparison instead of
+    isfinite's four ops: n = sqrt(sq) is never -inf, and the comparison is False exactly for
+    +inf and NaN (a negative or NaN sq gives NaN), so it keeps exactly the finite norms."""
     n = sq_norms.float().sqrt()
     C = max_grad_norm.float().reshape(())
-    keep = torch.isfinite(n)
+    keep = n < math.inf
     if slack is None:
         c = C / (n + gamma) if automatic else torch.clamp(C / (n + _kclip.FLAT_EPS), max=1.0)
     else:

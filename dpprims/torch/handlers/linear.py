@@ -76,17 +76,26 @@ class LinearHandler(LayerHandler):
         return torch.cat(As, dim=1), torch.cat(Gs, dim=1)
 
     def _rank1_rows(self):
-        """(a [B, d], g [B, p]) fp32 of the plain-torch T = 1 path, or None where it does not
-        apply (Triton backends, T > 1, no weight or bias to clip). With T = 1 the per-example
+        """(a [B, d], g [B, p], the captured input's dtype): the fp32 rows of the plain-torch
+        T = 1 path, or None where it does not apply (Triton backends, T > 1, no weight or bias
+        to clip). With T = 1 the per-example
         weight gradient is the outer product g_i a_i^T: its squared norm is ||g_i||^2 ||a_i||^2
         (bias: ||g_i||^2) and the clipped sum is the one weight-gradient GEMM (c * g)^T a."""
         return self.state.memo("rank1_rows", self._rank1_rows_now)
 
     def _rank1_rows_now(self):
+        caps = self.state.completed()
+        if len(caps) == 1 and caps[0].saved[0].dim() == 2:
+            # one call on [B, d] rows (an MLP's layers): the rows themselves, without the
+            # [B, 1, d] views of _pairs and the selects back (~20 us of dispatch a layer)
+            a, g = caps[0].saved[0], caps[0].grad_out
+            if self.backend(a) != "torch":
+                return None
+            return a.float(), g.to(a.dtype).float(), a.dtype
         A, G = self._pairs()
         if A.shape[1] != 1 or self.backend(A) != "torch":
             return None
-        return A[:, 0].float(), G[:, 0].float()
+        return A[:, 0].float(), G[:, 0].float(), A.dtype
 
     def _plan_rank1(self, Bc: int, D: int, P: int, dtype, itemsize: int) -> dict:
         """The plan row of a plain-torch T = 1 layer: a pure function of the shapes, built once
@@ -102,9 +111,9 @@ class LinearHandler(LayerHandler):
                                cpu_ms={k: v * 1e3 for k, v in layer_costs(Bc, 1, D, P, conv=False).items()})
         return cached[key]
 
-    def _sq_norms_rank1(self, B: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def _sq_norms_rank1(self, B: int, a: torch.Tensor, g: torch.Tensor, dtype) -> torch.Tensor:
         m = self.module
-        A, _ = self._pairs()
+        A = a  # (the fp32 rows: the same device, hence backend, as the captured input)
         w = m.weight.requires_grad
         b = m.bias is not None and m.bias.requires_grad
         g2 = sq_rows(g)  # ||g_i||^2; a NaN / inf row gives a non-finite norm (then c_i = 0)
@@ -119,7 +128,7 @@ class LinearHandler(LayerHandler):
         if total.shape[0] != B:
             raise RuntimeError(f"layer {self.name!r}: {total.shape[0]} examples, expected {B}")
         self.state.step_cache["design"] = "rank1"
-        self.last_plan = self._plan_rank1(A.shape[0], A.shape[2], g.shape[1], A.dtype, A.element_size())
+        self.last_plan = self._plan_rank1(a.shape[0], a.shape[1], g.shape[1], dtype, dtype.itemsize)
         return total
 
     def sq_norms(self, B: int) -> torch.Tensor:
@@ -197,13 +206,14 @@ class LinearHandler(LayerHandler):
         idx = self.engine.kept_rows(c)
         if idx is not None:
             A, G, c = A.index_select(0, idx), G.index_select(0, idx), c.index_select(0, idx)
-        P, D = G.shape[2], A.shape[2]
-        gs3 = G.float() * c.view(-1, 1, 1)  # [B', T, p] scaled output-gradient rows
-        gs = gs3.reshape(-1, P)
+        rows = G.dim() == 2  # T = 1 rows [B', p] / [B', d] as they are (no [B', 1, *] views)
+        P, D = G.shape[-1], A.shape[-1]
+        gs3 = G.float() * (c.unsqueeze(1) if rows else c.view(-1, 1, 1))  # scaled output-gradient rows
+        gs = gs3 if rows else gs3.reshape(-1, P)
         if m.weight.requires_grad:
             _backend.record("linear_clipped_weight_grad", A, self.backend(A))
             p = m.weight
-            a = A.float().reshape(-1, D)
+            a = A.float() if rows else A.float().reshape(-1, D)
             if p.grad is None or p.grad.dtype != torch.float32 or not p.grad.is_contiguous():
                 add_grad(p, torch.mm(gs.t(), a))
             else:
@@ -214,14 +224,14 @@ class LinearHandler(LayerHandler):
             # the per-example definition: a bias whose exact gradient cancels, like attention's
             # key bias, keeps its small error); with one position the first sum is the identity
             # (and a size-1 reduction costs 6x the [B', p] one here)
-            add_grad(m.bias, gs.sum(0) if gs3.shape[1] == 1 else gs3.sum(1).sum(0))
+            add_grad(m.bias, gs.sum(0) if rows or gs3.shape[1] == 1 else gs3.sum(1).sum(0))
 
     def accumulate_clipped(self, c: torch.Tensor) -> None:
         if self.state.step_cache.get("design") == "rank1" and "per_example" not in self.state.step_cache:
             rows = self._rank1_rows()
             if rows is not None:
-                a, g = rows  # T = 1: the same one-GEMM sum over [B, 1, d] / [B, 1, p] rows
-                return self._accumulate_plain(c, a.unsqueeze(1), g.unsqueeze(1))
+                a, g, _ = rows  # T = 1: the same one-GEMM sum over the [B, d] / [B, p] rows
+                return self._accumulate_plain(c, a, g)
         A, G = self._pairs()
         m = self.module
         if ("per_example" not in self.state.step_cache and self.state.step_cache.get("design") == "segments"
