@@ -47,6 +47,26 @@ def test_tf_privacy_published_values(sigma, epochs, published):
     assert eps < classic
 
 
+@pytest.mark.parametrize("sigma,q", [(1.507, 0.064), (0.73, 0.0113), (3.1, 0.5)])
+def test_rdp_epsilon_is_the_accountants_own_bit_for_bit(sigma, q):
+    """epsilon(steps) scales a cached one-step RDP vector by the step count: the same float as
+    a fresh dp_accounting RdpAccountant composed with (event, steps), at every step count asked
+    (fresh sigma / q per case so no earlier cache entry answers), and the cache does not mix
+    up (sigma, q) pairs."""
+    import dp_accounting
+
+    rng = np.random.default_rng()
+    sigma, q = sigma * (1 + 1e-3 * rng.random()), q * (1 + 1e-3 * rng.random())
+    acc = PrivacyAccountant(sigma, q, 1e-5)
+    other = PrivacyAccountant(sigma * 1.5, q, 1e-5)
+    for steps in (1, 2, 37, 157, int(rng.integers(200, 5000))):
+        ref = dp_accounting.rdp.RdpAccountant()
+        ref.compose(dp_accounting.dp_event.PoissonSampledDpEvent(q, dp_accounting.dp_event.GaussianDpEvent(sigma)),
+                    steps)
+        assert acc.epsilon(steps) == ref.get_epsilon(1e-5)
+        assert other.epsilon(steps) < acc.epsilon(steps)
+
+
 def test_readme_value_exact_numbers():
     """The measured values, pinned (dp_accounting 0.6): guards against silent changes."""
     acc = PrivacyAccountant(1.1, Q_MNIST, 1e-5)
