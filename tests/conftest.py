@@ -22,6 +22,17 @@ HAS_CUDA = _cuda_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Triton picks interpreter or compiled mode when a kernel is DEFINED: define every kernel now,
+    # under the setting above, so that a test which sets TRITON_INTERPRET=0 for the plain-torch
+    # path and happens to import a kernel module first cannot leave it compiled for the rest of
+    # the session (the order dependence test_cli_errors -> test_readme had).
+    import importlib
+    import pkgutil
+
+    import dpprims.kernels
+
+    for _m in pkgutil.iter_modules(dpprims.kernels.__path__):
+        importlib.import_module(f"dpprims.kernels.{_m.name}")
 
 try:
     import jax

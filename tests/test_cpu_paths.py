@@ -382,3 +382,30 @@ def test_plain_clip_factors_zero_exactly_the_nonfinite_norms(automatic):
         engine = DPEngine(model, max_grad_norm=1.0)
         norms = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
     assert int(engine.last_stats["nonfinite"]) == int((~torch.isfinite(norms)).sum()) == 2
+
+
+def test_interpreter_set_after_the_kernels_were_defined_is_a_clear_error():
+    """TRITON_INTERPRET=1 set after dpprims' kernels were defined in compiled mode: a CPU op
+    names the problem and both fixes instead of failing inside Triton ("0 active drivers"); with
+    it unset again the plain-torch path runs."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from dpprims.bindings.torch import linear as ops\n"
+        "A, G = torch.randn(3, 2, 5), torch.randn(3, 2, 4)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    ops.linear_weight_sq_norms(A, G, 'direct')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+        "os.environ['TRITON_INTERPRET'] = '0'\n"
+        "print('OK', ops.linear_weight_sq_norms(A, G, 'direct').shape)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR TRITON_INTERPRET=1 is set" in out.stdout and "dpprims.kernels.linear" in out.stdout
+    assert "before importing dpprims" in out.stdout and "plain-torch path" in out.stdout
+    assert "OK torch.Size([3])" in out.stdout

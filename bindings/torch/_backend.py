@@ -11,6 +11,7 @@ Nothing here queries a GPU at import time. The last backend each op ran is recor
 from __future__ import annotations
 
 import logging
+import sys
 
 from dpprims.kernels import _launch
 from dpprims.kernels._launch import interpreting
@@ -22,12 +23,39 @@ _warned: set[str] = set()
 
 
 def backend_for(t) -> str:
-    """The backend an op called on tensor ``t`` runs on."""
+    """The backend an op called on tensor ``t`` runs on. On a CPU with TRITON_INTERPRET=1 the
+    kernels must have been defined under the interpreter too (Triton decides when a kernel is
+    defined, at the first import of its dpprims.kernels module): otherwise a clear error instead
+    of Triton's "0 active drivers" at the launch."""
     if t.device.type == "cuda":
         return "triton"
     if t.device.type == "cpu":
-        return "triton-interpreter" if interpreting() else "torch"
+        if not interpreting():
+            return "torch"
+        compiled = compiled_kernel_modules()
+        if compiled:
+            raise RuntimeError(
+                f"TRITON_INTERPRET=1 is set, but dpprims' Triton kernels in {', '.join(compiled)} were defined "
+                "before it was (Triton reads it when a kernel is defined, at the first import of the module), so "
+                "they cannot run on this CPU: set TRITON_INTERPRET=1 before importing dpprims to run the kernels "
+                "through the interpreter, or unset it (or set it to 0) for the plain-torch path")
+        return "triton-interpreter"
     raise NotImplementedError(f"dpprims ops support cuda and cpu tensors, got device {t.device}")
+
+
+_compiled_memo: dict = {}
+
+
+def compiled_kernel_modules() -> list:
+    """The imported dpprims.kernels modules holding a kernel defined for a GPU (a JITFunction:
+    defined without TRITON_INTERPRET=1), memoised per set of imported modules."""
+    names = tuple(sorted(n for n in sys.modules if n.startswith("dpprims.kernels.")))
+    got = _compiled_memo.get(names)
+    if got is None:
+        got = _compiled_memo[names] = [
+            n for n in names
+            if any(type(v).__name__ == "JITFunction" for v in vars(sys.modules[n]).values())]
+    return got
 
 
 def arch_for(t) -> int:
