@@ -6,8 +6,9 @@ same kernels through Triton's interpreter on CPU when TRITON_INTERPRET=1, and ot
 plain-torch implementation that follows the same plan (the CPU path): ghost norms from the
 Gram matrices of G and of the unfolded input (batched GEMMs; U^T U from an explicit im2col or,
 at small spatial sizes, from the padded input's own Gram matrix), direct norms from per-example
-weight gradients built by batched GEMMs or one grouped weight-gradient conv, chunked so that
-at most ~2^24 values of intermediates exist, and the clipped sum as one framework weight
+weight gradients built by chunked batched GEMMs over an explicit im2col, by oneDNN's
+weight-gradient conv once per example (large convs) or by one grouped weight-gradient conv
+(depthwise), with at most ~2^24 values of intermediates at once, and the clipped sum as one framework weight
 gradient of (c * G) and x. ``per_example_weight_grads`` and ``clipped_sum_of_rows`` are the
 pieces the engine's "instantiate" plan uses (dpprims/torch/handlers/cpu_cost.py).
 
