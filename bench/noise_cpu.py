@@ -1,7 +1,9 @@
 """dpprims' certified-tails noise on a CPU against each framework's own normal sampler (issue 12, item 4).
 
-Per element, in ONE run with the methods interleaved round by round (so load on a shared machine
-hits all of them alike), median and quartiles over the rounds:
+Per element, in ONE run with each framework's methods interleaved round by round (so load on a shared
+machine hits all of them alike; torch's methods first, then JAX's, so XLA's spinning worker threads
+never share the cores with a torch call), median and quartiles over the rounds, each sample the mean
+of enough calls to last ``--sample-ms``:
 
 * torch: ``torch.randn(n)`` (baseline); ``dpprims.noise_cpu.gaussian_noise`` (the generator alone);
   the torch op ``gaussian_noise(n, std=...)`` on the plain path (generator + scale); the plain int64
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import statistics
 import sys
@@ -88,8 +91,6 @@ def build_methods(n: int, args) -> list[tuple[str, str, str, callable]]:
             return fn
         methods.append(("torch", "add_noise_and_step, MLP params, SGD momentum (fused)", "torch.randn", stepper("1")))
         methods.append(("torch", "add_noise_and_step, MLP params, no numba (before)", "torch.randn", stepper("0")))
-    if not args.no_jax:
-        methods += _jax_methods(n, args)
     return methods
 
 
@@ -123,6 +124,48 @@ def _jax_methods(n: int, args):
     return out
 
 
+def _measure(methods, n: int, args) -> list:
+    """Rows of one phase: its methods interleaved round by round (so load on a shared machine
+    hits all of them alike); a sample is the mean of enough calls to last >= --sample-ms (one
+    call of a small draw is ~1 ms, near the timer's and the scheduler's granularity)."""
+    reps = {}
+    for _, m, _, fn in methods:  # warm-up: compiles, caches, first-touch allocations
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[m] = max(1, math.ceil(args.sample_ms * 1e-3 / max(time.perf_counter() - t0, 1e-9)))
+    samples = {m: [] for _, m, _, _ in methods}
+    cpu = {m: [] for _, m, _, _ in methods}
+    for _ in range(args.rounds):
+        for _, m, _, fn in methods:
+            k = reps[m]
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[m].append((time.perf_counter() - t0) / k)
+            cpu[m].append((time.process_time() - c0) / k)
+    med = {m: statistics.median(v) for m, v in samples.items()}
+    cmed = {m: statistics.median(v) for m, v in cpu.items()}
+    rows = []
+    for fw, m, base, _ in methods:
+        v = sorted(samples[m])
+        q1, q3 = v[len(v) // 4], v[(3 * len(v)) // 4]
+        row = dict(framework=fw, method=m, n=n, median_s=med[m], q1_s=q1, q3_s=q3, min_s=v[0],
+                   ns_per_element=med[m] / n * 1e9, min_ns_per_element=v[0] / n * 1e9,
+                   cpu_median_s=cmed[m], cpu_ns_per_element=cmed[m] / n * 1e9, baseline=base,
+                   ratio_vs_baseline=(med[m] / med[base]) if base else 1.0,
+                   min_ratio_vs_baseline=(v[0] / min(samples[base])) if base else 1.0,
+                   cpu_ratio_vs_baseline=(cmed[m] / cmed[base]) if base else 1.0,
+                   calls_per_sample=reps[m], samples_s=samples[m], cpu_samples_s=cpu[m])
+        rows.append(row)
+        print(f"{fw:5s} n={n:>9d}  {m:62s} wall {row['ns_per_element']:8.2f} ns/el "
+              f"(q1 {q1 / n * 1e9:.2f}, q3 {q3 / n * 1e9:.2f}, min {row['min_ns_per_element']:.2f}) "
+              f"x{row['ratio_vs_baseline']:.2f} (min/min x{row['min_ratio_vs_baseline']:.2f}) | process CPU "
+              f"{row['cpu_ns_per_element']:.2f} ns/el x{row['cpu_ratio_vs_baseline']:.2f}  vs {base or '-'}",
+              flush=True)
+    return rows
+
+
 def run(args) -> dict:
     ensure_dpprims()
     import torch
@@ -136,47 +179,27 @@ def run(args) -> dict:
     except ImportError:
         info["numba"] = None
     rows = []
+    # One framework at a time: all torch rounds first, then (JAX built only then) all JAX rounds.
+    # Interleaving the two in one process let XLA's worker threads, still spinning after a JAX
+    # call, take the second core from the torch call that followed (203k elements: the torch op
+    # at 2.0x torch.randn with JAX interleaved, 1.3x without, same minutes).
+    phases = [build_methods] + ([] if args.no_jax else [_jax_methods])
     for n in args.sizes:
-        methods = build_methods(n, args)
-        for _, _, _, fn in methods:  # warm-up: compiles, caches, first-touch allocations
-            fn()
-        samples = {m: [] for _, m, _, _ in methods}
-        cpu = {m: [] for _, m, _, _ in methods}
-        for _ in range(args.rounds):
-            for _, m, _, fn in methods:
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn()
-                samples[m].append(time.perf_counter() - t0)
-                cpu[m].append(time.process_time() - c0)
-        med = {m: statistics.median(v) for m, v in samples.items()}
-        cmed = {m: statistics.median(v) for m, v in cpu.items()}
-        for fw, m, base, _ in methods:
-            v = sorted(samples[m])
-            q1, q3 = v[len(v) // 4], v[(3 * len(v)) // 4]
-            row = dict(framework=fw, method=m, n=n, median_s=med[m], q1_s=q1, q3_s=q3, min_s=v[0],
-                       ns_per_element=med[m] / n * 1e9, min_ns_per_element=v[0] / n * 1e9,
-                       cpu_median_s=cmed[m], cpu_ns_per_element=cmed[m] / n * 1e9, baseline=base,
-                       ratio_vs_baseline=(med[m] / med[base]) if base else 1.0,
-                       min_ratio_vs_baseline=(v[0] / min(samples[base])) if base else 1.0,
-                       cpu_ratio_vs_baseline=(cmed[m] / cmed[base]) if base else 1.0,
-                       samples_s=samples[m], cpu_samples_s=cpu[m])
-            rows.append(row)
-            print(f"{fw:5s} n={n:>9d}  {m:62s} wall {row['ns_per_element']:8.2f} ns/el "
-                  f"(q1 {q1 / n * 1e9:.2f}, q3 {q3 / n * 1e9:.2f}, min {row['min_ns_per_element']:.2f}) "
-                  f"x{row['ratio_vs_baseline']:.2f} (min/min x{row['min_ratio_vs_baseline']:.2f}) | process CPU "
-                  f"{row['cpu_ns_per_element']:.2f} ns/el x{row['cpu_ratio_vs_baseline']:.2f}  vs {base or '-'}",
-                  flush=True)
+        for build in phases:
+            rows += _measure(build(n, args), n, args)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(kind="cpu-noise", machine_line=info["machine_line"] + f" | numba {info['numba']}", machine=info,
-                settings=dict(sizes=args.sizes, rounds=args.rounds, torch_threads=args.torch_threads,
+                settings=dict(sizes=args.sizes, rounds=args.rounds, sample_ms=args.sample_ms,
+                              torch_threads=args.torch_threads,
                               plain_max=args.plain_max, jax_old_max=args.jax_old_max, loadavg_at_end=load),
                 rows=rows)
 
 
 def markdown(res: dict) -> str:
     lines = [f"Machine: {res['machine_line']}", "", f"Command: `{res['machine']['command']}`", "",
-             "Wall: median over interleaved rounds (min/min in brackets); process CPU time: median (excludes "
-             "time the shared machine's scheduler kept the process waiting).", "",
+             "Wall: median over interleaved rounds, one framework at a time, each sample a per-call mean over "
+             ">= sample-ms (min/min in brackets); process CPU time: median (excludes time the shared machine's "
+             "scheduler kept the process waiting).", "",
              "| framework | n | method | wall ns / element | wall vs sampler | CPU ns / element | CPU vs sampler |",
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -190,6 +213,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[203530, 11_000_000])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sample-ms", type=float, default=20.0, help="each sample: the mean of calls lasting >= this")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--plain-max", type=int, default=2_000_000, help="largest n for the slow no-numba torch path")
     ap.add_argument("--jax-old-max", type=int, default=20_000_000, help="largest n for the JAX 'before' paths")
