@@ -8,8 +8,8 @@ Gram matrices of G and of the unfolded input (batched GEMMs; U^T U from an expli
 at small spatial sizes, from the padded input's own Gram matrix), direct norms from per-example
 weight gradients built by chunked batched GEMMs over an explicit im2col, by oneDNN's
 weight-gradient conv once per example (large convs) or by one grouped weight-gradient conv
-(depthwise), with at most ~2^24 values of intermediates at once, and the clipped sum as one framework weight
-gradient of (c * G) and x. ``per_example_weight_grads`` and ``clipped_sum_of_rows`` are the
+(depthwise), with at most ~2^24 values of intermediates at once, and the clipped sum as one
+framework weight gradient of (c * G) and x. ``per_example_weight_grads`` and ``clipped_sum_of_rows`` are the
 pieces the engine's "instantiate" plan uses (dpprims/torch/handlers/cpu_cost.py).
 
 Shapes (torch layouts, any strides: the kernels take strides, nothing is copied):
@@ -533,6 +533,6 @@ def _torch_clipped_weight_grad(x4, G4, c, geo: Conv2dGeometry) -> torch.Tensor:
 __all__ = [
     "conv_geometry", "conv2d_weight_sq_norms", "conv2d_clipped_weight_grad", "conv2d_bias_grads",
     "conv2d_bias_sq_norms", "conv2d_clipped_bias_grad", "clipped_rows_sum", "unfold", "im2col",
-    "per_example_weight_grads", "per_example_build", "per_example_build_for", "sq_rows", "clipped_sum_of_rows", "shifted_input_gram", "gram_method",
-    "padded_positions",
+    "per_example_weight_grads", "per_example_build", "per_example_build_for", "sq_rows", "clipped_sum_of_rows",
+    "shifted_input_gram", "gram_method", "padded_positions",
 ]

@@ -173,7 +173,8 @@ class ConvHandler(LayerHandler):
             # plain-torch path: its own time model (cpu_cost.py); "instantiate" keeps the
             # per-example gradients of a single-call layer for the clipped sum
             # (a single-call conv's ghost may form U^T U from the padded input: its geometry)
-            shifted = dict(taps=geo.KH * geo.KW, padded_positions=ops.padded_positions(geo)) if len(calls) == 1 else {}
+            shifted = (dict(taps=geo.KH * geo.KW, padded_positions=ops.padded_positions(geo))
+                       if len(calls) == 1 else {})
             method = choose_cpu_method(B, T, D, P, groups, conv=True, method=requested, **shifted)
             if method == "instantiate" and len(calls) > 1:
                 method = "direct"
@@ -219,7 +220,8 @@ class ConvHandler(LayerHandler):
                               weight_grad_flops=2 * B * T * D * P * groups,
                               norm_bytes=io, weight_grad_bytes=io + 4 * groups * D * P)
         if plain:
-            self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in layer_costs(B, T, D, P, groups, conv=True, **shifted).items()}
+            cpu_costs = layer_costs(B, T, D, P, groups, conv=True, **shifted)
+            self.last_plan["cpu_ms"] = {k: v * 1e3 for k, v in cpu_costs.items()}
         return total
 
     def rounding_slack(self, B: int):
