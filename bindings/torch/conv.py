@@ -255,18 +255,21 @@ def conv2d_clipped_bias_grad(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def unfold(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
     """Explicit im2col U [B, C_in*KH*KW, T] (fp32, materialised) of a 2-D-form conv: the low
     padding of ``geo``, and a high padding (or crop) that yields exactly H_out x W_out."""
-    hi_h = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1 - geo.H - geo.PH
-    hi_w = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1 - geo.W - geo.PW
-    xp = F.pad(x4.float(), (geo.PW, hi_w, geo.PH, hi_h))  # negative pads crop unused rows
-    return F.unfold(xp, (geo.KH, geo.KW), dilation=(geo.DH, geo.DW), stride=(geo.SH, geo.SW))
+    return F.unfold(_padded(x4, geo), (geo.KH, geo.KW), dilation=(geo.DH, geo.DW), stride=(geo.SH, geo.SW))
+
+
+def _padded_hw(geo: Conv2dGeometry) -> tuple[int, int]:
+    """(H_p, W_p): the input extent that a padding-0 conv needs for exactly H_out x W_out."""
+    return ((geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1,
+            (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1)
 
 
 def _padded(x4: torch.Tensor, geo: Conv2dGeometry) -> torch.Tensor:
     """x with the conv's low padding and the high padding (or crop) that yields exactly
     H_out x W_out, so the plain-torch path can call a padding-0 convolution."""
-    hi_h = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1 - geo.H - geo.PH
-    hi_w = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1 - geo.W - geo.PW
-    return F.pad(x4.float(), (geo.PW, hi_w, geo.PH, hi_h))
+    hp, wp = _padded_hw(geo)
+    # (negative high pads crop rows / columns no window reads)
+    return F.pad(x4.float(), (geo.PW, wp - geo.W - geo.PW, geo.PH, hp - geo.H - geo.PH))
 
 
 def _weight_grad(xp: torch.Tensor, G4: torch.Tensor, geo: Conv2dGeometry, groups: int, c_out: int,
@@ -403,8 +406,7 @@ _GRAM = "auto"
 def padded_positions(geo: Conv2dGeometry) -> int:
     """N = H_p * W_p: the positions of x with the conv's low padding and the high padding (or
     crop) that yields exactly H_out x W_out (:func:`_padded`)."""
-    hp = (geo.H_out - 1) * geo.SH + geo.DH * (geo.KH - 1) + 1
-    wp = (geo.W_out - 1) * geo.SW + geo.DW * (geo.KW - 1) + 1
+    hp, wp = _padded_hw(geo)
     return hp * wp
 
 
