@@ -113,18 +113,17 @@ class LinearHandler(LayerHandler):
 
     def _sq_norms_rank1(self, B: int, a: torch.Tensor, g: torch.Tensor, dtype) -> torch.Tensor:
         m = self.module
-        A = a  # (the fp32 rows: the same device, hence backend, as the captured input)
         w = m.weight.requires_grad
         b = m.bias is not None and m.bias.requires_grad
         g2 = sq_rows(g)  # ||g_i||^2; a NaN / inf row gives a non-finite norm (then c_i = 0)
         if w:
-            _backend.record("linear_weight_sq_norms[outer]", A, self.backend(A))
+            _backend.record("linear_weight_sq_norms[outer]", a, self.backend(a))
             # weight ||g_i||^2 ||a_i||^2 plus bias ||g_i||^2 in one product
             total = g2 * (sq_rows(a) + 1.0) if b else g2 * sq_rows(a)
         else:
             total = g2
         if b:
-            _backend.record("linear_bias_sq_norms", A, self.backend(A))
+            _backend.record("linear_bias_sq_norms", a, self.backend(a))
         if total.shape[0] != B:
             raise RuntimeError(f"layer {self.name!r}: {total.shape[0]} examples, expected {B}")
         self.state.step_cache["design"] = "rank1"
