@@ -128,9 +128,34 @@ def _cpu_threads(n: int | None = None) -> int:
     """Threads of dpprims.noise_cpu under torch for a draw of ``n`` elements: 1 below
     THREADED_MIN, else at most torch's intra-op thread count (torch.set_num_threads) and at most
     dpprims.noise_cpu.get_num_threads() (DPPRIMS_NOISE_THREADS). The numbers never depend on it."""
-    if n is not None and n < THREADED_MIN:
-        return 1
-    return max(1, min(torch.get_num_threads(), _ncpu.get_num_threads()))
+    return _cpu_pool(n)[0]
+
+
+_TORCH_OPENMP = None  # torch's ATen parallel backend is OpenMP (read once)
+
+
+def _torch_openmp() -> bool:
+    global _TORCH_OPENMP
+    if _TORCH_OPENMP is None:
+        try:
+            _TORCH_OPENMP = bool(torch.backends.openmp.is_available()) and \
+                "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        except Exception:  # noqa: BLE001 - an unknown build: the thread path
+            _TORCH_OPENMP = False
+    return _TORCH_OPENMP
+
+
+def _cpu_pool(n: int | None = None) -> tuple:
+    """(threads, pool) of a dpprims.noise_cpu draw of ``n`` elements under torch. With torch's
+    intra-op pool on OpenMP and more than one thread: pool "omp", the draw runs on torch's own
+    OpenMP team (dpprims._noise_omp; the workers a step's GEMMs leave spinning take it at once),
+    with as many threads as :func:`_cpu_threads` allows a large draw, whatever n. Otherwise the
+    module's own threads: 1 below THREADED_MIN (a noise thread would share a core with a spinning
+    torch worker), else that many. The numbers never depend on either."""
+    team = max(1, min(torch.get_num_threads(), _ncpu.get_num_threads()))
+    if team > 1 and _torch_openmp() and _ncpu.omp_available():
+        return team, "omp"
+    return (1 if n is not None and n < THREADED_MIN else team), None
 
 
 def _seed_ints(seed: Tensor) -> tuple[int, int]:
@@ -149,8 +174,9 @@ def gaussian_noise_torch(n: int, seed: Tensor, step: Tensor, pair_offset: int, r
     step_i = int(step.reshape(-1)[0].item()) & _M32
     if device.type == "cpu" and _ncpu.available():
         out = torch.empty(n, dtype=torch.float32)
+        threads, pool = _cpu_pool(n)
         _ncpu.gaussian_noise(n, k0, k1, step_i, _nz.stream_word(rank), pair_offset, out=out.numpy(),
-                             threads=_cpu_threads(n))
+                             threads=threads, pool=pool)
         return out
     word3 = _nz.stream_word(rank)
     n_pairs = (n + 1) // 2
@@ -188,10 +214,11 @@ def _launch_noise(x: Tensor, seed: Tensor, step: Tensor, scal: Tensor, pair_offs
         # one pass per noise chunk (dpprims.noise_cpu): the kernel's numbers and epilogue, in place
         k0, k1 = _seed_ints(seed)
         std, normaliser = scal.tolist()[:2]
+        threads, pool = _cpu_pool(out.numel())
         _ncpu.scaled_noise(out.detach().numpy(), x.detach().numpy() if add_x else None, std=std,
                            normaliser=normaliser, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & _M32,
                            stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
-                           threads=_cpu_threads(out.numel()))
+                           threads=threads, pool=pool)
         return
     if backend == "torch":
         z = gaussian_noise_torch(n, seed, step, pair_offset, rank).reshape(x.shape)

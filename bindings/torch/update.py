@@ -32,7 +32,7 @@ from dpprims.kernels import update as _ku
 
 from . import _backend
 from ._backend import record
-from .noise import (THREADED_MIN, _check_scalars, _cpu_threads, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor,
+from .noise import (THREADED_MIN, _check_scalars, _cpu_pool, _seed_ints, _ufunc, as_seed_tensor, as_step_tensor,
                     gaussian_noise_torch)
 
 __all__ = ["add_noise_and_step", "make_hyper"]
@@ -57,13 +57,14 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
     if _fused_cpu_ok(param, s1, s2, grad, grad_out, hyper):
         # one pass per chunk: noise (dpprims.noise_cpu) + the kernel's update arithmetic, in place
         k0, k1 = _seed_ints(seed)
+        threads, pool = _cpu_pool(param.numel())
         _ncpu.noisy_update(
             _ku.OPTIMIZER_NAMES[kind], *(
                 None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out)),
             hyper=hyper.tolist()[:_ku.N_HYPER], adam_scalars=None if kind == _ku.SGD else _adam_scalars_f64(step, hyper),
             nesterov=nesterov, k0=k0, k1=k1, step=int(step.reshape(-1)[0].item()) & 0xFFFFFFFF,
             stream_word=_nz.stream_word(rank), pair_offset=pair_offset,
-            threads=_cpu_threads(param.numel()))
+            threads=threads, pool=pool)
         return
     z = gaussian_noise_torch(param.numel(), seed, step, pair_offset, rank).reshape(param.shape)
     std, norm, lr, b1, b2, eps, wd, omb1, omb2 = (hyper[i] for i in range(_ku.N_HYPER))
@@ -99,7 +100,7 @@ def _update_torch(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[T
     param.copy_(p)
 
 
-def _cpu_segment(param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor, threads: int,
+def _cpu_segment(param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor, threads: int, pool,
                  pair_offset: int, write_grad: bool):
     """add_noise_and_step's eager CPU path for one parameter: ``(segment, g)`` for
     dpprims.noise_cpu.noisy_update_many (the arguments ``_update_torch``'s numba branch passes to
@@ -115,7 +116,8 @@ def _cpu_segment(param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad
     record("noisy_update", param, "torch")  # its callers run on the plain-torch backend only
     grad_out = torch.empty_like(grad) if write_grad else None
     seg = tuple(None if t is None else t.detach().numpy() for t in (param, grad, s1, s2, grad_out))
-    return seg + (pair_offset, 1 if n < THREADED_MIN else threads), (grad_out if write_grad else grad.new_empty(0))
+    threads = threads if pool is not None or n >= THREADED_MIN else 1  # see noise._cpu_pool
+    return seg + (pair_offset, threads), (grad_out if write_grad else grad.new_empty(0))
 
 
 def _launch_update(kind: int, param: Tensor, s1: Optional[Tensor], s2: Optional[Tensor], grad: Tensor,
@@ -215,7 +217,7 @@ def _step_eager_cpu(params, state, kind, has_momentum, *, noise_std, normaliser,
         weight_decay=weight_decay, optimizer=optimizer)]
     adam = None if kind == _ku.SGD else _ku.adam_scalars_host(int(step), hyper)
     k0, k1 = (w & 0xFFFFFFFF for w in _nz.seed_words(seed))
-    threads = _cpu_threads()
+    threads, pool = _cpu_pool()
     segments, out = [], []
     s1s = state.get("momentum_buffer") if kind == _ku.SGD else state["exp_avg"]
     s2s = None if kind == _ku.SGD else state["exp_avg_sq"]
@@ -227,14 +229,14 @@ def _step_eager_cpu(params, state, kind, has_momentum, *, noise_std, normaliser,
         g = p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
         s1 = s1s[i] if (kind != _ku.SGD or has_momentum) else None
         s2 = s2s[i] if s2s is not None else None
-        got = _cpu_segment(p, s1, s2, g, threads, off, write_grad)
+        got = _cpu_segment(p, s1, s2, g, threads, pool, off, write_grad)
         if got is None:  # a layout the fused path does not take: the op path, with its checks
             return None
         segments.append(got[0])
         out.append(got[1])
     _ncpu.noisy_update_many(_ku.OPTIMIZER_NAMES[kind], segments, hyper=hyper,
                             adam_scalars=adam, nesterov=bool(nesterov), k0=k0, k1=k1, step=int(step) & 0xFFFFFFFF,
-                            stream_word=_nz.stream_word(int(rank)))
+                            stream_word=_nz.stream_word(int(rank)), pool=pool)
     return out
 
 
@@ -329,11 +331,11 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                 if key not in cache:  # the per-step scalars of the eager CPU path, read once
                     k0, k1 = _seed_ints(seed_t)
                     cache[key] = dict(hyper=hyper.tolist()[:_ku.N_HYPER], k0=k0, k1=k1,
-                                      step=int(step_t.reshape(-1)[0].item()) & 0xFFFFFFFF, threads=_cpu_threads(),
+                                      step=int(step_t.reshape(-1)[0].item()) & 0xFFFFFFFF, pool=_cpu_pool(),
                                       adam=None if kind == _ku.SGD else _adam_scalars_f64(step_t, hyper), segments=[])
                 s1 = (state["momentum_buffer"][i] if has_momentum else None) if kind == _ku.SGD else state["exp_avg"][i]
                 s2 = None if kind == _ku.SGD else state["exp_avg_sq"][i]
-                got = _cpu_segment(p, s1, s2, grad, cache[key]["threads"], off, bool(return_noisy_grads))
+                got = _cpu_segment(p, s1, s2, grad, *cache[key]["pool"], off, bool(return_noisy_grads))
                 if got is not None:
                     cache[key]["segments"].append(got[0])
                     out.append(got[1])
@@ -351,7 +353,7 @@ def add_noise_and_step(params, *, state: dict, noise_std: float, normaliser: flo
                 _ncpu.noisy_update_many(
                     _ku.OPTIMIZER_NAMES[kind], sc["segments"], hyper=sc["hyper"],
                     adam_scalars=sc["adam"], nesterov=bool(nesterov), k0=sc["k0"], k1=sc["k1"], step=sc["step"],
-                    stream_word=_nz.stream_word(int(rank)))
+                    stream_word=_nz.stream_word(int(rank)), pool=sc["pool"][1])
     if not isinstance(step, Tensor):
         state["last_step"] = int(step)
     return out if return_noisy_grads else None
