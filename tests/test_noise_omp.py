@@ -251,7 +251,26 @@ def test_torch_binding_omp_equals_plain_int64_torch(monkeypatch):
                 for step in (1, 2):
                     gs += U.add_noise_and_step(ps, state=state, noise_std=0.5, normaliser=7.0, seed=SEED, step=step,
                                                optimizer="sgd", lr=0.1, momentum=0.9, return_noisy_grads=True)
-                results.append([z, x] + [p.detach().clone() for p in ps] + state["momentum_buffer"] + gs)
+                ps[1].grad = None  # no clipped sum reached it: zero, still noised and stepped
+                assert U.add_noise_and_step(ps, state=state, noise_std=0.5, normaliser=7.0, seed=SEED, step=3,
+                                            optimizer="sgd", lr=0.1, momentum=0.9) is None
+                # a non-contiguous grad is not taken by the fused path: the op path refuses it (no
+                # silent copies), with nothing updated
+                before = ps[0].detach().clone()
+                ps[0].grad = torch.linspace(1, 2, 2 * ps[0].numel())[::2]
+                with pytest.raises(ValueError, match="contiguous"):
+                    U.add_noise_and_step(ps, state=state, noise_std=0.5, normaliser=7.0, seed=SEED, step=4,
+                                         optimizer="sgd", lr=0.1, momentum=0.9)
+                assert torch.equal(ps[0].detach(), before)
+                adam_p = [torch.nn.Parameter(torch.linspace(-1, 1, n)) for n in sizes]
+                for p in adam_p:
+                    p.grad = torch.linspace(0.5, -1, p.numel())
+                adam_state = {}
+                for step in (1, 2):
+                    U.add_noise_and_step(adam_p, state=adam_state, noise_std=0.5, normaliser=7.0, seed=SEED,
+                                         step=step, optimizer="adamw", lr=0.01, weight_decay=0.1)
+                results.append([z, x] + [p.detach().clone() for p in ps + adam_p] + state["momentum_buffer"] + gs
+                               + adam_state["exp_avg"] + adam_state["exp_avg_sq"])
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*results):
