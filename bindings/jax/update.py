@@ -160,15 +160,20 @@ def _adam_scalars(step, hyper, x64: bool):
 @functools.partial(jax.jit, static_argnames=("offsets", "kind", "nesterov", "write_grad", "libm", "x64"))
 def _update_jnp(params, grads, s1s, s2s, seed, step, hyper, words, *, offsets: tuple, kind: int, nesterov: bool,
                 write_grad: bool, libm: str, x64: bool):
-    """The kernel's update in jnp on lists of flat arrays (s1s / s2s entries None where absent);
-    returns lists (params, s1s, s2s, gs) (gs entries None unless write_grad).
+    """The kernel's update in jnp on lists of arrays of any shapes (s1s / s2s entries None where
+    absent; each leaf's elements in row-major order are the kernel's flat elements); returns lists
+    (params, s1s, s2s, gs) with those shapes (gs entries None unless write_grad). The leaves keep
+    their shapes and each leaf's noise slice is reshaped to it: flattening the leaves instead made
+    XLA:CPU split the update into more fusions and, with donated buffers, copy the parameter and
+    state first (MLP 784x256 leaf: 0.55 vs 0.29 ms a step, donated).
 
     The noise of all leaves is ONE draw of the pairs [offsets[0], end): the leaves' pair ranges are
     consecutive (dpprims.noise.pair_offsets), so leaf i's z is that stream's slice at
     2 (offsets[i] - offsets[0]) - the same numbers as one draw per leaf (the generator is a
     function of the pair index only), but a single Philox loop in the compiled program instead of
     one per leaf. words: ``noise.noise_words(offsets[0], rank)``."""
-    ends = [o + (p.shape[0] + 1) // 2 for o, p in zip(offsets, params)]
+    sizes = [math.prod(p.shape) for p in params]
+    ends = [o + (n + 1) // 2 for o, n in zip(offsets, sizes)]
     z_all = _noise_z(seed, step, words, n=2 * (max(ends) - offsets[0]), libm=libm)
     std, norm, lr, b1 = hyper[_ku.H_STD], hyper[_ku.H_NORMALISER], hyper[_ku.H_LR], hyper[_ku.H_BETA1]
     wd, b2, eps = hyper[_ku.H_WEIGHT_DECAY], hyper[_ku.H_BETA2], hyper[_ku.H_EPS]
@@ -177,9 +182,9 @@ def _update_jnp(params, grads, s1s, s2s, seed, step, hyper, words, *, offsets: t
         step_size, bc2_sqrt, decay = _adam_scalars(step, hyper, x64)
     r = fp32_exact
     out = ([], [], [], [])
-    for param, grad, s1, s2, off in zip(params, grads, s1s, s2s, offsets):
+    for param, grad, s1, s2, off, n in zip(params, grads, s1s, s2s, offsets, sizes):
         start = 2 * (off - offsets[0])
-        z = z_all[start:start + param.shape[0]]
+        z = z_all[start:start + n].reshape(param.shape)
         g = div_rn(grad.astype(_F32) + r(std * z), norm)
         g_out = g.astype(grad.dtype) if write_grad else None
         p = param.astype(_F32)
@@ -357,8 +362,7 @@ def _update_arrays(seed, step, hyper, params, grads, s1s, s2s, *, kind, offsets,
         if libm == "host" and _host_ok(params, grads, s1s, s2s):
             return _update_host(params, grads, s1s, s2s, seed, step, hyper, offsets=offsets, kind=kind, rank=rank,
                                 nesterov=nesterov, write_grad=write_grad)
-        flat = [[_flat(t) for t in lst] for lst in (params, grads, s1s, s2s)]
-        return _shaped(_update_jnp(*flat, seed, step, hyper, _jn.noise_words(offsets[0], rank), offsets=offsets,
+        return _shaped(_update_jnp(params, grads, s1s, s2s, seed, step, hyper, _jn.noise_words(offsets[0], rank), offsets=offsets,
                                    kind=kind, nesterov=nesterov, write_grad=write_grad, libm=libm,
                                    x64=bool(jax.config.jax_enable_x64)), shapes)
 
