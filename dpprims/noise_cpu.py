@@ -353,17 +353,26 @@ def noisy_update_rows(kind: str, rows, *, hyper, adam_scalars, nesterov: bool, k
         _check_stream(n, off, stream_word)
         if n <= 0 or not p or not g or (kind != "sgd" and not (s1 and s2)):
             raise ValueError(f"noisy_update_rows: bad row (n = {n}; param, grad and {kind}'s state are needed)")
+    _omp_runs(rt, kind, rows, [threads] * len(rows), hyper12, nesterov=bool(nesterov), k0=k0, k1=k1, step=step,
+              stream_word=stream_word)
+    return True
+
+
+def _omp_runs(rt, kind: str, rows: list, threads: list, hyper12, *, nesterov: bool, k0: int, k1: int, step: int,
+              stream_word: int) -> None:
+    """:func:`_omp_run` over each run of rows ``(pair_offset, n, param, grad, state1, state2,
+    grad_out)`` (addresses, checked) whose pair ranges follow each other: one region per run, on
+    a team of the largest of its rows' ``threads``."""
     i = 0
-    while i < len(rows):  # runs of contiguous pair ranges, one region each
+    while i < len(rows):
         j, pairs = i, 0
         while j < len(rows) and rows[j][0] == rows[i][0] + pairs:
             pairs += (rows[j][1] + 1) // 2
             j += 1
         first = rows[i][0]
         _omp_run(rt, kind, [(2 * (r[0] - first),) + tuple(r[1:]) for r in rows[i:j]], first, pairs, hyper12,
-                 nesterov=bool(nesterov), k0=k0, k1=k1, step=step, stream_word=stream_word, threads=threads)
+                 nesterov=nesterov, k0=k0, k1=k1, step=step, stream_word=stream_word, threads=max(threads[i:j]))
         i = j
-    return True
 
 
 def omp_available() -> bool:
@@ -617,18 +626,9 @@ def noisy_update_many(kind: str, segments, *, hyper, adam_scalars, nesterov: boo
     rt = _pool_runtime(pool, sum(seg[0] for seg in checked))
     if rt is not None:
         hyper12 = list(h) + ([0.0] * 3 if kind == "sgd" else [step_size, bc2_sqrt, decay])
-        i = 0
-        while i < len(checked):  # runs of contiguous pair ranges, one region each
-            j, pairs = i, 0
-            while j < len(checked) and checked[j][1] == checked[i][1] + pairs:
-                pairs += (checked[j][0] + 1) // 2
-                j += 1
-            run = checked[i:j]
-            first = run[0][1]
-            rows = [(2 * (seg[1] - first), seg[0], *(_addr(a) for a in seg[3:])) for seg in run]
-            _omp_run(rt, kind, rows, first, pairs, hyper12, nesterov=nest, k0=k0, k1=k1, step=step,
-                     stream_word=stream_word, threads=max(_resolve_threads(seg[2]) for seg in run))
-            i = j
+        rows = [(seg[1], seg[0], *(_addr(a) for a in seg[3:])) for seg in checked]
+        _omp_runs(rt, kind, rows, [_resolve_threads(seg[2]) for seg in checked], hyper12, nesterov=nest, k0=k0,
+                  k1=k1, step=step, stream_word=stream_word)
         return
 
     def update(chunk, seg, lo, hi):

@@ -16,6 +16,7 @@ import torch
 
 from dpprims import noise as nz
 from dpprims import noise_cpu as ncpu
+from _bitwise import assert_same_bits as _assert_same
 from _paths import plain_torch_path
 
 pytestmark = pytest.mark.skipif(not ncpu.available(), reason="numba is not installed: no fast CPU generator")
@@ -34,16 +35,6 @@ CASES = [
     pytest.param(2 * 9 * TP - 1, 2**62 + 99, 2, id="many-tasks-high-offset"),
     pytest.param(7, 3, 2, id="one-short-task"),
 ]
-
-
-def _bits(a):
-    return np.ascontiguousarray(a).view(np.uint32)
-
-
-def _assert_same(a, b, what):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape and np.array_equal(_bits(a), _bits(b)), \
-        f"{what}: {np.count_nonzero(_bits(a) != _bits(b))} of {a.size} elements differ"
 
 
 def _torch_openmp():

@@ -14,6 +14,7 @@ import torch
 
 from dpprims import noise as nz
 from dpprims import noise_cpu as ncpu
+from _bitwise import assert_same_bits as _assert_same
 from _paths import plain_torch_path
 
 pytestmark = pytest.mark.skipif(not ncpu.available(), reason="numba is not installed: no fast CPU generator")
@@ -31,16 +32,6 @@ CASES = [
     pytest.param(4 * CH, 7, 4, id="4parts-even"),
     pytest.param(5 * MP * 2 - 1, 2**62 + 99, 5, id="5parts-odd-high-offset"),
 ]
-
-
-def _bits(a):
-    return np.ascontiguousarray(a).view(np.uint32)
-
-
-def _assert_same(a, b, what):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape and np.array_equal(_bits(a), _bits(b)), \
-        f"{what}: {np.count_nonzero(_bits(a) != _bits(b))} of {a.size} elements differ"
 
 
 @pytest.mark.parametrize("n,off,threads", CASES)

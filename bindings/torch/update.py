@@ -252,11 +252,10 @@ def _step_omp(params, offsets, s1s, s2s, kind, hyper, adam, nesterov, k0, k1, st
               write_grad):
     """_step_eager_cpu on torch's OpenMP team through dpprims.noise_cpu.noisy_update_rows: the
     buffers by ``data_ptr()`` (no numpy views, ~100 us less Python a step for the default MLP),
-    every one checked here to be a contiguous fp32 CPU tensor of its parameter's shape (the
-    parameters are, ``_eager_cpu``) and kept alive in ``keep`` for the call. Returns the noisy
-    gradients (write_grad; else an empty list: add_noise_and_step returns None), or None where a buffer is not one the fused path takes (then
-    _step_eager_cpu's per-segment checks and the op path decide), nothing done."""
-    f32 = torch.float32
+    every one checked here (``_fused_cpu_ok`` and the parameter's shape) and kept alive in ``keep``
+    for the call. Returns the noisy gradients (write_grad; else an empty list: add_noise_and_step
+    returns None), or None where a buffer is not one the fused path takes (then _step_eager_cpu's
+    per-segment checks and the op path decide), nothing done."""
     rows, out, keep = [], [], []
     for i, (p, off) in enumerate(zip(params, offsets)):
         n = p.numel()
@@ -270,11 +269,7 @@ def _step_omp(params, offsets, s1s, s2s, kind, hyper, adam, nesterov, k0, k1, st
         s2 = s2s[i] if s2s is not None else None
         go = torch.empty_like(g) if write_grad else None
         ts = (p, g, s1, s2, go)
-        for t in ts[1:]:
-            if t is not None and (t.dtype != f32 or t.device.type != "cpu" or t.shape != p.shape
-                                  or not t.is_contiguous()):
-                return None
-        if not p.is_contiguous():
+        if not _fused_cpu_ok(*ts) or any(t is not None and t.shape != p.shape for t in ts[1:]):
             return None
         keep.append(ts)
         rows.append((off, n) + tuple(0 if t is None else t.data_ptr() for t in ts))
