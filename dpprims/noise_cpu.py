@@ -297,11 +297,9 @@ def _omp_runtime():
 def _load_omp_runtime():
     import ctypes
 
-    if _compiled() is None:
+    if _compiled() is None or not hasattr(os, "RTLD_NOLOAD"):  # only a runtime already loaded, never a new one
         return False
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
-    if not getattr(os, "RTLD_NOLOAD", 0):
-        return False
+    mode = os.RTLD_NOLOAD | os.RTLD_LAZY
     for name in _OMP_LIBS:
         try:
             lib = ctypes.CDLL(name, mode=mode)
